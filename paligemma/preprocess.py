@@ -1,0 +1,72 @@
+"""Any image a person may hand us -> the model's input: RGB, res×res, values in [-1, 1]."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Transparent pixels are shown on white, as an image viewer would show them.
+_BACKGROUND = (255, 255, 255)
+_HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used."""
+
+
+def open_image(source) -> Image.Image:
+    """Opens a path, bytes or file object with Pillow; unreadable input raises ImageError."""
+    try:
+        if isinstance(source, bytes | bytearray):
+            source = io.BytesIO(source)
+        image = Image.open(source)
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        name = os.fspath(source) if isinstance(source, str | os.PathLike) else "the uploaded data"
+        raise ImageError(f"could not read an image from {name}: {err}. Use a PNG, JPEG, WebP, GIF or BMP file.") from None
+
+
+def to_rgb(image) -> Image.Image:
+    """PIL image (any mode, EXIF-rotated) or uint8 array [H, W], [H, W, 1|3|4] -> RGB PIL image."""
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    elif isinstance(image, str | os.PathLike | bytes | bytearray):
+        image = open_image(image)
+    elif not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL image, a uint8 array or an image file, got {type(image).__name__}")
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"the image is empty ({image.width}×{image.height} pixels)")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ImageError(f"image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, "L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return Image.fromarray(array, "RGB" if array.shape[2] == 3 else "RGBA")
+    raise ImageError(f"image arrays must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+
+
+def preprocess(image, size: int) -> np.ndarray:
+    """-> float32 [size, size, 3] in [-1, 1] (bilinear, antialiased when shrinking)."""
+    rgb = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
