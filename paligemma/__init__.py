@@ -51,6 +51,10 @@ class Model:
         self.mask_decoder_path = mask_decoder_path
         self._generator = Generator(params, config, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id)
 
+    def replace_params(self, params) -> None:
+        """Swaps in weights of the same shapes (e.g. while training), keeping the compiled functions."""
+        self.params = self._generator.params = params
+
     @property
     def dtype(self):
         return self.params["llm"]["embedder"]["input_embedding"].dtype

@@ -31,7 +31,7 @@ def embed_sequence(params, cfg: PaliGemmaConfig, images, tokens):
 
 
 def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len):
-    """Full-sequence logits float32[B, P + T, V]; used by training and the parity tests.
+    """Logits float32[B, T, V] at the text positions; used by training and the parity tests.
 
     prefix_len / seq_len: int[B] text tokens in the prefix / in prefix + suffix (the rest is padding).
     """
@@ -41,4 +41,4 @@ def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len):
     mask = prefix_lm_mask(n + prefix_len, n + seq_len, length)
     positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2])
     hidden, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask)
-    return gemma.logits_from_hidden(params["llm"], cfg.text, hidden)
+    return gemma.logits_from_hidden(params["llm"], cfg.text, hidden[:, n:])

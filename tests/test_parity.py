@@ -33,7 +33,7 @@ def case(request, tokenizer_path, tmp_path_factory):
 
 def _hf_logits(hf, pixels, ids):
     with torch.no_grad():
-        return hf(**hf_inputs(hf, pixels, ids)).logits[0].numpy()
+        return hf(**hf_inputs(hf, pixels, ids)).logits[0, -len(ids):].numpy()
 
 
 def _our_logits(params, cfg, pixels, ids):
