@@ -18,15 +18,21 @@ class ImageError(ValueError):
 
 
 def open_image(source) -> Image.Image:
-    """Opens a path, bytes or file object with Pillow; unreadable input raises ImageError."""
+    """Opens a path, bytes or file object with Pillow; unreadable or oversized input raises ImageError."""
+    name = os.fspath(source) if isinstance(source, str | os.PathLike) else "the uploaded data"
     try:
         if isinstance(source, bytes | bytearray):
             source = io.BytesIO(source)
         image = Image.open(source)
         image.load()
         return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        name = os.fspath(source) if isinstance(source, str | os.PathLike) else "the uploaded data"
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name} has too many pixels to decode safely (more than {Image.MAX_IMAGE_PIXELS * 2:,}); "
+                         f"resize it first") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"could not read an image from {name}: not an image format Pillow knows. "
+                         f"Use a PNG, JPEG, WebP, GIF or BMP file.") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"could not read an image from {name}: {err}. Use a PNG, JPEG, WebP, GIF or BMP file.") from None
 
 

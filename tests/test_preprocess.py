@@ -58,3 +58,17 @@ def test_exif_rotation_is_applied():
 def test_bad_images_are_clear_errors(bad, match):
     with pytest.raises(ImageError, match=match):
         preprocess(bad, 14)
+
+
+def test_unreadable_bytes_name_the_upload_not_an_object():
+    with pytest.raises(ImageError) as err:
+        open_image(b"\x89PNG but not really")
+    assert "the uploaded data" in str(err.value) and "BytesIO" not in str(err.value)
+
+
+def test_decompression_bomb_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buffer, "PNG")
+    with pytest.raises(ImageError, match="too many pixels"):
+        open_image(buffer.getvalue())

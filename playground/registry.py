@@ -1,0 +1,131 @@
+"""Which models the playground offers: the embedded demo, a registry file, and an environment variable.
+
+Visitors pick a model by name only; sources (local paths, Hub repo ids) come from here and nowhere else.
+
+Registry file, JSON or YAML:
+
+    {"default": "demo",
+     "models": [{"name": "PaliGemma 2 3B mix 224", "source": "google/paligemma2-3b-mix-224",
+                 "notes": "gated: accept the licence, set HF_TOKEN", "dtype": "bfloat16"}]}
+
+Relative local paths are read relative to the file. Environment variable (comma-separated, `name=source`
+or a bare source named after itself):
+
+    PALIGEMMA_MODELS="google/paligemma2-3b-mix-224,mine=/data/finetuned.npz"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import yaml
+
+from paligemma import hub
+
+ENV_VAR = "PALIGEMMA_MODELS"
+DEMO_NAME = "demo"
+DEMO_NOTES = "Embedded demo: synthetic shapes (circle, square, triangle in red, green, blue, yellow); works offline."
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class RegistryError(ValueError):
+    """A registry file or environment entry that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: str  # an absolute local path, or a Hugging Face Hub repo id
+    notes: str = ""
+    dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU
+
+    @property
+    def on_hub(self) -> bool:
+        return not os.path.isabs(self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+    entries: dict[str, ModelEntry]
+    default: str
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> ModelEntry:
+        if name not in self.entries:
+            raise RegistryError(f"unknown model {name!r}; this server offers: {', '.join(self.entries)}")
+        return self.entries[name]
+
+    def local_sources(self) -> list[str]:
+        """Local weight files and folders, so that the web server can refuse to serve them."""
+        return [item.source for item in self.entries.values() if not item.on_hub]
+
+
+def entry(name: str, source: str, notes: str = "", dtype: str | None = None, base: str = ".") -> ModelEntry:
+    """A checked entry; `source` is a Hub repo id unless it names a path (relative ones are joined to `base`)."""
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError(f"a model needs a non-empty name, got {name!r}")
+    if not isinstance(source, str) or not source.strip():
+        raise RegistryError(f"model {name!r} needs a source: a local path or a Hugging Face repo id")
+    if dtype is not None and dtype not in _DTYPES:
+        raise RegistryError(f"model {name!r}: unknown dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or none")
+    source = os.path.expanduser(source.strip())
+    local = os.path.join(base, source)
+    if os.path.isabs(source) or os.path.exists(local) or not hub.is_repo_id(source):
+        source = os.path.abspath(local)
+    return ModelEntry(name.strip(), source, str(notes or ""), dtype)
+
+
+def demo_entry(folder: str) -> ModelEntry:
+    return ModelEntry(DEMO_NAME, os.path.abspath(folder), DEMO_NOTES)
+
+
+def read_file(path: str) -> tuple[list[ModelEntry], str | None]:
+    """Entries and the default name from a JSON or YAML registry file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except (OSError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise RegistryError(f"cannot read the model registry {path}: {err}") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise RegistryError(f"{path}: expected {{\"models\": [{{\"name\", \"source\", \"notes\"}}, ...]}}")
+    base = os.path.dirname(os.path.abspath(path))
+    unknown = {key for m in models for key in m} - {"name", "source", "notes", "dtype"}
+    if unknown:
+        raise RegistryError(f"{path}: unknown model fields {sorted(unknown)}; accepted: name, source, notes, dtype")
+    entries = [entry(m.get("name"), m.get("source"), m.get("notes", ""), m.get("dtype"), base) for m in models]
+    return entries, data.get("default")
+
+
+def read_env(value: str) -> list[ModelEntry]:
+    """Entries from `name=source,source,...`."""
+    entries = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, source = item.partition("=")
+        entries.append(entry(name, source) if sep else entry(item, item))
+    return entries
+
+
+def build(demo_folder: str, file: str | None = None, env: str | None = None) -> Registry:
+    """The demo first, then the file's models, then the environment's; names must be unique."""
+    entries = [demo_entry(demo_folder)]
+    default = DEMO_NAME
+    if file:
+        from_file, file_default = read_file(file)
+        entries += from_file
+        default = file_default or default
+    if env:
+        entries += read_env(env)
+    by_name: dict[str, ModelEntry] = {}
+    for item in entries:
+        if item.name in by_name:
+            raise RegistryError(f"two models are named {item.name!r}; names must be unique")
+        by_name[item.name] = item
+    if default not in by_name:
+        raise RegistryError(f"the default model {default!r} is not among: {', '.join(by_name)}")
+    return Registry(by_name, default)

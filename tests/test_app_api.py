@@ -1,0 +1,246 @@
+"""The app's `/run` endpoint through gradio_client: detection, segmentation, captions, streaming and errors.
+
+One in-process server per module, over a tiny model taught three answers about the detect example (see
+app_fixtures), so every assertion checks real outputs. Then the registry, the prompts and the manager alone.
+"""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from app_fixtures import (
+    BROKEN,
+    EXAMPLES_DIR,
+    TAUGHT,
+    UNREACHABLE,
+    UNREACHABLE_REPO,
+    app_in_thread,
+    detect_example,
+    taught_answers,
+    taught_model_dir_fixture,  # noqa: F401 (a fixture)
+    write_registry,
+)
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import postprocess
+from playground import prompts, registry
+from playground.manager import ModelManager, ModelUnavailable
+
+
+@pytest.fixture(scope="module")
+def client(taught_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("api_registry")
+    with app_in_thread(write_registry(folder, taught_model_dir)) as url:
+        yield Client(url, verbose=False)
+
+
+def _run(client, prompt, image=None, model=TAUGHT, decoding="greedy", max_new_tokens=64):
+    image = detect_example().image if image is None else image
+    upload = handle_file(str(image)) if image else None
+    return client.predict(upload, prompt, model, decoding, max_new_tokens, api_name="/run")
+
+
+def _expected_object(prompt):
+    text = taught_answers()[prompt]
+    return postprocess.objects(postprocess.parse(text, 224, 224))[0]
+
+
+def _opaque_region(png_path):
+    """bool[H, W] where an annotation layer is drawn, and its RGB."""
+    rgba = np.asarray(Image.open(png_path).convert("RGBA"))
+    return rgba[..., 3] > 0, rgba[..., :3]
+
+
+def _hex(rgb):
+    return "#" + "".join(f"{int(v):02x}" for v in rgb)
+
+
+def test_detection_gives_the_box_in_text_picture_and_json(client):
+    highlighted, annotated, raw, detections, timing = _run(client, "detect red circle")
+    expected = _expected_object("detect red circle")
+    color = postprocess.label_color("red circle")
+
+    assert raw == taught_answers()["detect red circle"]
+    assert highlighted["value"] == [{"token": "red circle", "class_or_confidence": "red circle"}]
+    assert highlighted["color_map"] == annotated["color_map"] == {"red circle": color}
+
+    [annotation] = annotated["value"]["annotations"]
+    assert annotation["label"] == "red circle"
+    drawn, rgb = _opaque_region(annotation["image"])
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    assert (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) == expected.box
+    assert {_hex(v) for v in rgb[drawn]} == {color}
+
+    with open(detections) as f:
+        exported = json.load(f)
+    assert (exported["width"], exported["height"]) == (224, 224)
+    [obj] = exported["objects"]
+    assert obj["label"] == "red circle" and obj["mask"] is False and tuple(obj["box"]) == expected.box
+    truth = next(o["box"] for o in detect_example().objects if o["label"] == "red circle")
+    assert np.abs(np.subtract(obj["box"], truth)).max() <= 1  # a bin of 1024 is under a pixel here
+
+    assert timing["queue_s"] >= 0 and timing["prefill_s"] > 0 and timing["new_tokens"] > 4
+    assert timing["tokens_per_s"] > 0 and timing["postprocess_s"] >= 0
+
+
+def test_segmentation_gives_a_mask_inside_its_box(client):
+    highlighted, annotated, raw, detections, _ = _run(client, "segment red circle")
+    expected = _expected_object("segment red circle")
+
+    assert raw == taught_answers()["segment red circle"]
+    assert highlighted["value"] == [{"token": "red circle", "class_or_confidence": "red circle"}]
+    with open(detections) as f:
+        [obj] = json.load(f)["objects"]
+    assert obj["mask"] is True and tuple(obj["box"]) == expected.box
+    mask = postprocess.mask_from_rle(obj["segmentation"])
+    x1, y1, x2, y2 = expected.box
+    assert mask.shape == (224, 224) and mask.any()
+    assert not mask[:y1].any() and not mask[y2:].any() and not mask[:, :x1].any() and not mask[:, x2:].any()
+
+    [annotation] = annotated["value"]["annotations"]
+    drawn, _ = _opaque_region(annotation["image"])
+    np.testing.assert_array_equal(drawn, mask)  # the page shows the very mask the JSON holds
+
+
+def test_caption_is_plain_text_without_detections(client):
+    highlighted, annotated, raw, detections, timing = _run(client, "caption en")
+    assert raw == "a red circle and a green triangle"
+    assert highlighted["value"] == [{"token": raw, "class_or_confidence": None}]
+    assert annotated["value"]["annotations"] == [] and detections is None
+    assert timing["new_tokens"] > 1
+
+
+def test_text_streams_before_boxes_appear(client):
+    job = client.submit(handle_file(detect_example().image), "segment red circle", TAUGHT, "greedy", 64,
+                        api_name="/run")
+    job.result()
+    texts = [out[2] for out in job.outputs()]
+    pictures = [out[1] for out in job.outputs()]
+    final = taught_answers()["segment red circle"]
+    assert texts[-1] == final
+    assert any(0 < len(text) < len(final) for text in texts), texts  # partial text reached the client
+    assert all(final.startswith(text) for text in texts)
+    assert all(picture is None for picture in pictures[:-1]) and pictures[-1] is not None
+
+
+def test_sampled_decodings_run_and_are_reproducible(client):
+    first = _run(client, "caption en", decoding="temperature(0.5)")[2]
+    assert _run(client, "caption en", decoding="temperature(0.5)")[2] == first
+    assert _run(client, "caption en", decoding="nucleus(0.1)")[2] == "a red circle and a green triangle"
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    not_image = tmp_path / "holiday.png"
+    not_image.write_bytes(b"this is text, not a picture")
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (5000, 4000), (200, 200, 200)).save(huge)  # 20 MP, a few kB as PNG
+    return {"not_image": not_image, "huge": huge}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no image", "Upload an image first"),
+    ("not_image", "could not read an image"),
+    ("huge", "megapixels"),
+    ("empty prompt", "Type a prompt"),
+])
+def test_bad_requests_get_a_message_for_a_person(client, bad_files, case, message):
+    image = {"no image": "", "empty prompt": None}.get(case, bad_files.get(case))
+    prompt = "  " if case == "empty prompt" else "detect red circle"
+    with pytest.raises(AppError, match=message):
+        _run(client, prompt, image=image)
+
+
+def test_a_model_outside_the_registry_is_refused(client, tmp_path):
+    with pytest.raises(AppError, match="unknown model"):
+        _run(client, "caption en", model=str(tmp_path))
+
+
+def test_models_that_cannot_load_say_why_and_the_others_keep_serving(client, monkeypatch, caplog):
+    secret = "hf_thisMustNeverBeShown"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AppError, match=f"{BROKEN}: .*model.npz"):
+            _run(client, "caption en", model=BROKEN)
+        with pytest.raises(AppError, match=UNREACHABLE_REPO) as unreachable:
+            _run(client, "caption en", model=UNREACHABLE)
+    assert secret not in str(unreachable.value) and secret not in caplog.text
+    assert _run(client, "caption en")[2] == "a red circle and a green triangle"
+
+
+# ---------------------------------------------------------------- the parts alone
+
+
+@pytest.mark.parametrize("task", prompts.TASK_NAMES)
+def test_prompts_compose_and_split_back(task):
+    prompt = prompts.compose(task, "de", "a ; b" if prompts.task_named(task).argument else "")
+    parsed, language, argument = prompts.split(prompt)
+    assert parsed.name == task
+    assert language == ("de" if parsed.takes_language else None)
+    assert argument == ("a ; b" if parsed.argument else "")
+
+
+def test_retarget_keeps_what_was_typed():
+    assert prompts.retarget("answer en what is red?", "question", "fr") == "question fr what is red?"
+    assert prompts.retarget("detect cat ; dog", "caption", "en") == "caption en"
+    assert prompts.retarget("caption en", "detect", "en") == "detect "
+    assert prompts.split("what is this?") == (None, None, "what is this?")
+
+
+def test_examples_cover_every_task_with_existing_images():
+    examples = prompts.load_examples(EXAMPLES_DIR)
+    assert {ex.task for ex in examples} == set(prompts.TASK_NAMES)
+    for ex in examples:
+        task, _, _ = prompts.split(ex.prompt)
+        assert task.name == ex.task
+        Image.open(ex.image).verify()
+
+
+def test_registry_reads_json_yaml_and_the_environment(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps({"default": "local", "models": [
+        {"name": "local", "source": "weights", "notes": "n", "dtype": "float32"},
+        {"name": "hub", "source": "google/paligemma2-3b-mix-224"}]}))
+    (tmp_path / "b.yaml").write_text("models:\n  - name: y\n    source: ./weights\n")
+    models = registry.build(str(tmp_path / "demo"), str(tmp_path / "a.json"), "env=org/model, other/repo")
+    assert models.names == ["demo", "local", "hub", "env", "other/repo"] and models.default == "local"
+    assert models.get("local").source == str(tmp_path / "weights") and models.get("local").dtype == "float32"
+    assert models.get("hub").on_hub and not models.get("local").on_hub
+    assert models.local_sources() == [str(tmp_path / "demo"), str(tmp_path / "weights")]
+    yaml_models = registry.build(str(tmp_path / "demo"), str(tmp_path / "b.yaml"))
+    assert yaml_models.get("y").source == str(tmp_path / "weights") and yaml_models.default == "demo"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"models": [{"name": "demo", "source": "x/y"}]}, "two models are named 'demo'"),
+    ({"models": [{"name": "a", "source": "x/y", "path": "/etc"}]}, "unknown model fields"),
+    ({"models": [{"name": "a"}]}, "needs a source"),
+    ({"models": [{"name": "a", "source": "x/y", "dtype": "int4"}]}, "unknown dtype"),
+    ({"default": "zzz", "models": []}, "default model 'zzz'"),
+    ({"model": []}, "expected"),
+])
+def test_registry_errors_say_what_is_wrong(tmp_path, content, message):
+    (tmp_path / "r.json").write_text(json.dumps(content))
+    with pytest.raises(registry.RegistryError, match=message):
+        registry.build(str(tmp_path / "demo"), str(tmp_path / "r.json"))
+
+
+def test_manager_unloads_the_least_recently_used_model_when_memory_is_short(taught_model_dir, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"models": [
+        {"name": "first", "source": str(taught_model_dir)}, {"name": "second", "source": str(taught_model_dir)}]}))
+    models = registry.build(str(tmp_path / "no-demo"), str(tmp_path / "r.json"))
+    free = {"bytes": 1 << 40}
+    manager = ModelManager(models, warmup_tokens=None, memory=lambda: free["bytes"])
+    seen = []
+    manager.get("first", progress=lambda fraction, message: seen.append((fraction, message)))
+    assert manager.loaded == ["first"] and "ready" in manager.status("first")
+    assert seen and all(0 <= f <= 1 for f, _ in seen)
+    free["bytes"] = 0
+    assert manager.get("second").entry.name == "second"
+    assert manager.loaded == ["second"] and manager.status("first").startswith("Loads on first use")
+    with pytest.raises(ModelUnavailable, match="demo: .*no-demo"):
+        manager.get("demo")
+    assert manager.status("demo").startswith("⚠️ Cannot load") and manager.loaded == ["second"]
