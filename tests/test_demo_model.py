@@ -1,0 +1,63 @@
+"""The shipped demo model does what the app promises, on scenes it never saw in training."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import paligemma
+import postprocess
+from scenes.evaluate import TARGETS, evaluate_model, missed_targets
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
+EVAL_SEED = 20261123  # training used seed 1; these scenes are new to the model
+NUM_SCENES = 100
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return paligemma.load(str(DEMO))
+
+
+@pytest.fixture(scope="module")
+def figures(demo):
+    decoder = postprocess.MaskDecoder.load(DEMO / "vae-oid.npz")
+    figures = evaluate_model(lambda images, prompts: demo.generate_batch(images, prompts, max_new_tokens=64),
+                             NUM_SCENES, EVAL_SEED, decoder, batch_size=16)
+    print(json.dumps(figures, indent=1))
+    return figures
+
+
+def test_demo_model_fits_the_size_budget():
+    assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 50 * 2**20
+
+
+def test_demo_is_the_default_model():
+    from paligemma.__main__ import DEFAULT_MODEL
+
+    assert Path(DEFAULT_MODEL).resolve() == DEMO
+
+
+# The demo model shipped so far is under-trained (issue 5 stays open): it answers and captions but does not
+# localise. Strict: once the targets are met these fail, and the markers must go.
+NOT_YET = pytest.mark.xfail(reason="demo model under-trained; issue 5 targets not met yet", strict=True)
+
+
+def test_outputs_are_well_formed(figures):
+    """Floors the current model holds (far below the targets): it counts, names colours and answers yes/no."""
+    assert figures["prompts"] >= 5 * NUM_SCENES
+    assert figures["count_accuracy"] >= 0.7 and figures["yes_no_accuracy"] >= 0.65
+
+
+@NOT_YET
+def test_all_targets_met(figures):
+    assert figures["prompts"] >= 5 * NUM_SCENES
+    assert not missed_targets(figures), missed_targets(figures)
+    assert set(TARGETS) <= set(figures)
+
+
+@NOT_YET
+@pytest.mark.parametrize("task", ["count", "colour", "yes_no"])
+def test_each_answer_kind_is_right(figures, task):
+    assert figures[f"{task}_accuracy"] >= 0.95
+
