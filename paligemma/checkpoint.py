@@ -4,6 +4,10 @@ Both readers produce the same thing: lazy tensors under our big_vision-style key
 known before any data is read. The config is derived from those shapes, every leaf is checked against
 it, and then leaves are read one at a time, cast to the target dtype and placed on the device, so the
 host never holds a second full copy of the weights.
+
+On CPU a leaf is read straight into a 64-byte-aligned host buffer that XLA then adopts without copying
+(DLPack), so loading a checkpoint peaks at about the weight bytes, not weights + the largest leaf. With a
+mesh (see sharding.py) each leaf goes straight into its shards on the devices.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
+from . import sharding as sharding_lib
 from .config import CheckpointError, PaliGemmaConfig, config_from_shapes, overrides_from_hf_config
 from .params import expected_shapes
 
@@ -43,27 +48,75 @@ def _npz_member_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _as_numeric(array: np.ndarray) -> np.ndarray:
-    """np.save writes bfloat16 as raw 2-byte voids; view them as bfloat16 again."""
-    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
-        return array.view(ml_dtypes.bfloat16)
-    return array
+_CHUNK_BYTES = 64 * 2**20
+ALIGNMENT = 64  # what XLA on CPU needs to adopt a host buffer without copying it
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ALIGNMENT-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start: start + nbytes].view(dtype).reshape(shape)
+
+
+def _numeric_dtype(dtype: np.dtype) -> np.dtype:
+    """np.save writes bfloat16 as raw 2-byte voids; read them as bfloat16 again."""
+    return np.dtype(ml_dtypes.bfloat16) if dtype.kind == "V" and dtype.itemsize == 2 else dtype
+
+
+def _read_npy(f, name: str) -> np.ndarray:
+    """One .npy stream (positioned at its magic string) into an aligned array, chunk by chunk."""
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(f)
+    if dtype.hasobject:
+        raise CheckpointError(f"tensor '{name}' holds Python objects; only numeric arrays are accepted (no pickles)")
+    out = aligned_empty(tuple(shape[::-1] if fortran_order else shape), _numeric_dtype(dtype))
+    buffer = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(buffer):
+        n = f.readinto(buffer[done: done + _CHUNK_BYTES])
+        if not n:
+            raise CheckpointError(f"tensor '{name}' ends after {done} of {len(buffer)} bytes (truncated file?)")
+        done += n
+    return out.T if fortran_order else out
+
+
+def _npz_member_reader(path: str, archive: zipfile.ZipFile, member: str):
+    """A file object at the start of a member's .npy bytes: the file itself for stored members (np.savez),
+    read without a copy through zipfile, or zipfile's decompressing stream (np.savez_compressed)."""
+    info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return archive.open(member)
+    f = open(path, "rb")
+    f.seek(info.header_offset)
+    local_header = f.read(30)  # fixed part of the zip local file header
+    if local_header[:4] != b"PK\x03\x04":
+        f.close()
+        raise CheckpointError(f"{path}: member '{member}' has no zip local header (corrupt file?)")
+    name_len, extra_len = int.from_bytes(local_header[26:28], "little"), int.from_bytes(local_header[28:30], "little")
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    return f
 
 
 def read_npz(path: str) -> dict[str, LazyTensor]:
     """Lazy tensors of a big_vision .npz: keys with or without 'params/', qkv_einsum split into q + kv."""
     try:
         archive = zipfile.ZipFile(path)
-        npz = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CheckpointError(f"{path} is not a readable big_vision .npz checkpoint (a zip of .npy arrays): {err}") from None
 
-    def loader(name):
+    def loader(member, name):
         def load():
             try:
-                return _as_numeric(npz[name])
+                with _npz_member_reader(path, archive, member) as f:
+                    return _read_npy(f, name)
+            except CheckpointError as err:
+                raise CheckpointError(f"{path}: {err}") from None
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
                 raise CheckpointError(f"{path}: tensor '{name}' could not be read (truncated or corrupt file?): {err}") from None
         return load
@@ -73,7 +126,7 @@ def read_npz(path: str) -> dict[str, LazyTensor]:
         for member in archive.namelist():
             name = member[:-4] if member.endswith(".npy") else member
             key = name.removeprefix("params/")
-            tensors[key] = LazyTensor(_npz_member_shape(archive, member), loader(name))
+            tensors[key] = LazyTensor(_npz_member_shape(archive, member), loader(member, name))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CheckpointError(f"{path}: could not read the array headers (truncated or corrupt file?): {err}") from None
     return _split_qkv(tensors)
@@ -134,24 +187,41 @@ def _safetensors_files(folder: str) -> list[str]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 def _hf_tensors(folder: str) -> dict[str, LazyTensor]:
-    """Raw HF tensors by their own names, lazily, across shards."""
+    """Raw HF tensors by their own names, lazily, across shards. safetensors validates each file; the
+    bytes are then read by offset straight into aligned buffers (its own reader returns fresh arrays)."""
     tensors = {}
     for file in _safetensors_files(folder):
         try:
             with safe_open(file, framework="numpy") as f:
-                for name in f.keys():
-                    shape = tuple(f.get_slice(name).get_shape())
-                    tensors[name] = LazyTensor(shape, _safetensor_loader(file, name))
-        except (SafetensorError, OSError) as err:
+                names = list(f.keys())
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+        except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+        for name in names:
+            entry = header[name]
+            if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor '{name}' has dtype {entry['dtype']}; accepted: "
+                                      f"{', '.join(_SAFETENSORS_DTYPES)}")
+            tensors[name] = LazyTensor(tuple(entry["shape"]), _safetensor_loader(file, name, 8 + header_len, entry))
     return tensors
 
 
-def _safetensor_loader(file: str, name: str) -> Callable[[], np.ndarray]:
+def _safetensor_loader(file: str, name: str, data_start: int, entry: dict) -> Callable[[], np.ndarray]:
     def load():
-        with safe_open(file, framework="numpy") as f:
-            return f.get_tensor(name)
+        out = aligned_empty(tuple(entry["shape"]), _SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        with open(file, "rb") as f:
+            f.seek(data_start + begin)
+            if end - begin != out.nbytes or f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise CheckpointError(f"{file}: tensor '{name}' is truncated or its offsets do not match its shape")
+        return out
     return load
 
 
@@ -200,16 +270,22 @@ class _HFMapping:
 
     def _stacked(self, names: list[str], shape_fn, fn) -> LazyTensor:
         """One leaf [L, ...] from L per-layer tensors, filled into a single preallocated array."""
-        parts = [self._get(n) for n in names]
-        shape = (len(parts), *shape_fn(parts[0].shape))
+        return self._stacked_parts([names], shape_fn, fn, squeeze=True)
+
+    def _stacked_parts(self, names: list[list[str]], shape_fn, fn, squeeze: bool = False) -> LazyTensor:
+        """One leaf [L, C, ...] from C lists of L per-layer tensors (e.g. k and v), filled layer by layer."""
+        parts = [[self._get(n) for n in part] for part in names]
+        inner = shape_fn(parts[0][0].shape)
+        shape = (len(parts[0]), *inner) if squeeze else (len(parts[0]), len(parts), *inner)
 
         def load():
             out = None
-            for i, part in enumerate(parts):
-                value = fn(part.load())
-                if out is None:
-                    out = np.empty(shape, value.dtype)
-                out[i] = value
+            for c, part in enumerate(parts):
+                for i, tensor in enumerate(part):
+                    value = fn(tensor.load())
+                    if out is None:
+                        out = aligned_empty(shape, value.dtype)
+                    out[(i,) if squeeze else (i, c)] = value
             return out
         return LazyTensor(shape, load)
 
@@ -271,24 +347,21 @@ class _HFMapping:
 
     def _kv_stacked(self, tl, kv, hd) -> LazyTensor:
         """k_proj and v_proj [K·H, D] of each layer -> [L, 2, K, D, H]."""
-        k = self._stacked([p + "self_attn.k_proj.weight" for p in tl], lambda s: (kv, s[1], hd),
-                          lambda x: x.reshape(kv, hd, x.shape[1]).transpose(0, 2, 1))
-        v = self._stacked([p + "self_attn.v_proj.weight" for p in tl], lambda s: (kv, s[1], hd),
-                          lambda x: x.reshape(kv, hd, x.shape[1]).transpose(0, 2, 1))
-        return LazyTensor((k.shape[0], 2, *k.shape[1:]), lambda: np.stack([k.load(), v.load()], axis=1))
+        return self._stacked_parts([[p + f"self_attn.{n}.weight" for p in tl] for n in ("k_proj", "v_proj")],
+                                   lambda s: (kv, s[1], hd), lambda x: x.reshape(kv, hd, x.shape[1]).transpose(0, 2, 1))
 
     def _gating_stacked(self, tl) -> LazyTensor:
         """gate_proj and up_proj [F, D] of each layer -> [L, 2, D, F]."""
-        gate = self._stacked([p + "mlp.gate_proj.weight" for p in tl], lambda s: s[::-1], lambda x: x.T)
-        up = self._stacked([p + "mlp.up_proj.weight" for p in tl], lambda s: s[::-1], lambda x: x.T)
-        return LazyTensor((gate.shape[0], 2, *gate.shape[1:]), lambda: np.stack([gate.load(), up.load()], axis=1))
+        return self._stacked_parts([[p + f"mlp.{n}.weight" for p in tl] for n in ("gate_proj", "up_proj")],
+                                   lambda s: s[::-1], lambda x: x.T)
 
 
 # ---------------------------------------------------------------- shared: validate, cast, place
 
 
-def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, source: str):
-    """Checks every expected leaf against the config, then reads, casts and places them one at a time."""
+def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, source: str, mesh=None):
+    """Checks every expected leaf against the config, then reads, casts and places them one at a time
+    (on one device, or split over `mesh` as sharding.py says)."""
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -296,14 +369,29 @@ def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, 
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{source}: tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {shape}")
+    shardings = sharding_lib.param_shardings(expected, mesh) if mesh is not None else {}
     flat = {}
     for key in expected:
         value = tensors[key].load()
         if tuple(value.shape) != expected[key]:
             raise CheckpointError(f"{source}: tensor '{key}' holds {value.shape}, its header said {expected[key]}")
-        flat[key] = jnp.asarray(value, dtype=dtype)
+        flat[key] = place(value, dtype, shardings.get(key))
         del value
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def place(value: np.ndarray, dtype, sharding=None) -> jax.Array:
+    """A host array as a device array of `dtype`. On CPU without a sharding, XLA adopts an aligned host
+    buffer (DLPack, no copy); a cast or a misaligned/strided source costs one copy of this leaf only."""
+    dtype = np.dtype(dtype)
+    if sharding is not None or jax.default_backend() != "cpu" or dtype.kind not in "fiu":  # bf16 has no DLPack code
+        return jax.device_put(np.asarray(value, dtype), sharding)
+    aligned = value.ctypes.data % ALIGNMENT == 0 and value.flags.c_contiguous and value.flags.writeable
+    if value.dtype != dtype or not aligned:
+        host = aligned_empty(value.shape, dtype)
+        np.copyto(host, value, casting="unsafe")
+        value = host
+    return jax.dlpack.from_dlpack(value, copy=False)
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, LazyTensor], PaliGemmaConfig]:
@@ -317,9 +405,10 @@ def read_checkpoint(path: str) -> tuple[dict[str, LazyTensor], PaliGemmaConfig]:
     return tensors, cfg
 
 
-def load_params(path: str, dtype=None) -> tuple[dict, PaliGemmaConfig]:
+def load_params(path: str, dtype=None, mesh=None) -> tuple[dict, PaliGemmaConfig]:
+    """Params on the default device, or split over `mesh` (sharding.make_mesh) for models too big for one."""
     tensors, cfg = read_checkpoint(path)
-    return materialize(tensors, cfg, dtype or default_dtype(), path), cfg
+    return materialize(tensors, cfg, dtype or default_dtype(), path, mesh), cfg
 
 
 def default_dtype():

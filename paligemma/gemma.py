@@ -6,6 +6,12 @@ kv head (N = K·G), H head dim, D width, F MLP width, V vocabulary, L layers, C 
 Attention takes the new tokens' keys/values and, optionally, a KV cache of earlier positions. The two are
 scored separately and share one softmax, so the layer never writes into the cache: the caller writes all
 layers' new keys/values at once, in place, outside the layer loop.
+
+`params["layers"]` is either stacked (each leaf [L, ...]: one `lax.scan`, compile time independent of depth;
+what checkpoints and training use) or a list of per-layer dicts (an unrolled loop). Generation on CPU uses
+the list: XLA on CPU copies a layer's weights out of a stacked array before every matmul, which triples
+the memory traffic of decoding. KV caches come in the same two forms: (k, v) stacked [L, B, K, S, H], or a
+list of per-layer (k, v) each [B, K, S, H] (kv heads before positions: attention reads them in place).
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ def rms_norm(x, scale, eps):
 
 
 def apply_rope(x, positions):
-    """Rotary embedding on the two halves of the head dim. x [B, T, N, H], positions int[B, T]."""
+    """Rotary embedding on the two halves of the head dim. x [N, B, T, H] (heads first), positions int[B, T]."""
     half = x.shape[-1] // 2
     inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -46,38 +52,68 @@ def embed_tokens(params, cfg: TextConfig, tokens):
     return table[tokens] * jnp.asarray(cfg.width**0.5, table.dtype)
 
 
-def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache):
-    """x [B, T, D] -> ([B, T, D], (k, v) of the new tokens, each [B, T, K, H])."""
-    b, t, _ = x.shape
-    k_heads, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-    q = jnp.einsum("BTD,NDH->BTNH", x, p["q_einsum"]["w"])
-    k, v = jnp.einsum("BTD,CKDH->CBTKH", x, p["kv_einsum"]["w"])
-    q = apply_rope(q, positions) * jnp.asarray(cfg.query_scale, x.dtype)
-    k = apply_rope(k, positions)
-    q = q.reshape(b, t, k_heads, groups, cfg.head_dim)
+# Up to this many rows (B·T: decoding), weights are read in place; beyond it (prefill, training) the einsum
+# lets XLA transpose each weight once into its preferred GEMM layout, which pays off over many rows.
+_IN_PLACE_MAX_ROWS = 16
 
-    def scores(keys, mask):  # -> [B, K, G, T, S] float32, masked
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys).astype(jnp.float32)
+
+def _grouped_project(x, w):
+    """x [B, T, In] · w [G, In, Out] -> [G, B, T, Out] (G: heads, or gate/up).
+
+    One dot with G as a batch dimension reads w in its stored layout. XLA on CPU copies (transposes or
+    slices) the weight on every call for the obvious einsums ("BTD,NDH->BTNH", or w[0] and w[1] separately),
+    which made decoding 3-10x slower than the memory bandwidth allows.
+    """
+    b, t, d = x.shape
+    g = w.shape[0]
+    if b * t > _IN_PLACE_MAX_ROWS:
+        return jnp.einsum("BTD,GDO->GBTO", x, w)
+    y = jax.lax.dot_general(jnp.broadcast_to(x.reshape(1, b * t, d), (g, b * t, d)), w, (((2,), (1,)), ((0,), (0,))))
+    return y.reshape(g, b, t, w.shape[-1])
+
+
+def _batched_dot(a, b, contract_a: int, contract_b: int):
+    """Per (batch, kv head) matrix product over [B, K, ...] operands, e.g. queries · cached keys."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))))
+
+
+def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache):
+    """x [B, T, D] -> ([B, T, D], (k, v) of the new tokens, each [B, K, T, H])."""
+    b, t, d = x.shape
+    k_heads, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    q = apply_rope(_grouped_project(x, p["q_einsum"]["w"]), positions) * jnp.asarray(cfg.query_scale, x.dtype)
+    kv = _grouped_project(x, p["kv_einsum"]["w"].reshape(2 * k_heads, d, h)).reshape(2, k_heads, b, t, h)
+    k = apply_rope(kv[0], positions).transpose(1, 0, 2, 3)  # [B, K, T, H], the cache layout
+    v = kv[1].transpose(1, 0, 2, 3)
+    q = q.reshape(k_heads, groups, b, t, h).transpose(2, 0, 1, 3, 4).reshape(b, k_heads, groups * t, h)
+
+    def scores(keys, mask):  # keys [B, K, S, H] -> [B, K, G, T, S] float32, masked
+        s = _batched_dot(q, keys, 3, 3).reshape(b, k_heads, groups, t, keys.shape[2]).astype(jnp.float32)
         return jnp.where(mask[:, None, None], softcap(s, cfg.attn_softcap), _MASKED)
 
     parts = [scores(k, mask_new)]
     if cache_kv is not None:
         parts.insert(0, scores(cache_kv[0], mask_cache))
     weights = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
+    weights = weights.reshape(b, k_heads, groups * t, weights.shape[-1])
     if cache_kv is None:
-        ctx = jnp.einsum("BKGTS,BSKH->BTKGH", weights, v)
+        ctx = _batched_dot(weights, v, 3, 2)  # [B, K, G·T, H]
     else:
-        s_cache = cache_kv[1].shape[1]
-        ctx = jnp.einsum("BKGTS,BSKH->BTKGH", weights[..., :s_cache], cache_kv[1])
-        ctx = ctx + jnp.einsum("BKGTS,BSKH->BTKGH", weights[..., s_cache:], v)
-    out = jnp.einsum("BTNH,NHD->BTD", ctx.reshape(b, t, cfg.num_heads, cfg.head_dim), p["attn_vec_einsum"]["w"])
-    return out, (k, v)
+        s_cache = cache_kv[1].shape[2]
+        ctx = _batched_dot(weights[..., :s_cache], cache_kv[1], 3, 2) + _batched_dot(weights[..., s_cache:], v, 3, 2)
+    ctx = ctx.reshape(b, k_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, cfg.num_heads * h)
+    out = ctx @ p["attn_vec_einsum"]["w"].reshape(cfg.num_heads * h, d)  # [N, H, D] read as [N·H, D]
+    return out.reshape(b, t, d), (k, v)
 
 
 def _mlp(p, x):
-    gate = jnp.einsum("BTD,DF->BTF", x, p["gating_einsum"][0])
-    up = jnp.einsum("BTD,DF->BTF", x, p["gating_einsum"][1])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.gelu(gate, approximate=True) * up, p["linear"])
+    b, t, _ = x.shape
+    if b * t > _IN_PLACE_MAX_ROWS:  # two large GEMMs: slicing w[0], w[1] costs little next to them
+        gate, up = (jnp.einsum("BTD,DF->BTF", x, p["gating_einsum"][c]) for c in range(2))
+    else:
+        gate, up = _grouped_project(x, p["gating_einsum"])  # [2, D, F] -> 2 × [B, T, F]
+    f = gate.shape[-1]
+    return ((jax.nn.gelu(gate, approximate=True) * up).reshape(b * t, f) @ p["linear"]).reshape(b, t, -1)
 
 
 def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache):
@@ -95,20 +131,60 @@ def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache):
 def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None):
     """All decoder layers over x [B, T, D].
 
-    mask_new bool[B, T, T] says which new tokens each query sees; with a cache (k, v each [L, B, S, K, H])
-    mask_cache bool[B, T, S] says which cached positions it sees. Returns (hidden [B, T, D] after the final
-    norm, new keys/values each [L, B, T, K, H]).
+    mask_new bool[B, T, T] says which new tokens each query sees; with a cache mask_cache bool[B, T, S] says
+    which cached positions it sees. Returns (hidden [B, T, D] after the final norm, the new tokens' keys and
+    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H]).
     """
+    layers = params["layers"]
+    if isinstance(layers, list | tuple):
+        new_kv = []
+        for i, layer_params in enumerate(layers):
+            x, kv = _block(cfg, x, layer_params, positions, mask_new, None if cache is None else cache[i], mask_cache)
+            new_kv.append(kv)
+    else:
+        def body(x, layer):
+            layer_params, layer_cache = layer
+            return _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache)
 
-    def body(x, layer):
-        layer_params, layer_cache = layer
-        return _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache)
-
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], cache))
+        x, new_kv = jax.lax.scan(body, x, (layers, cache))
     return rms_norm(x, params["final_norm"]["scale"], cfg.eps), new_kv
 
 
+def map_cache(fn, cache):
+    """Applies fn(array, seq_axis) to every k and v of a cache in either form."""
+    if isinstance(cache, list):
+        return [tuple(fn(c, 2) for c in kv) for kv in cache]  # per layer [B, K, S, H]
+    return tuple(fn(c, 3) for c in cache)  # stacked [L, B, K, S, H]
+
+
+def cache_length(cache) -> int:
+    """S, the number of positions a cache (either form) holds."""
+    return cache[0][0].shape[2] if isinstance(cache, list) else cache[0].shape[3]
+
+
+def unstack_cache(cache):
+    """A stacked cache (k, v each [L, ...]) as the per-layer list."""
+    return [(k, v) for k, v in zip(*cache)]
+
+
+def write_cache(cache, new_kv, index):
+    """Writes the new tokens' keys/values (as run_layers returns them) into the cache at sequence `index`."""
+    if isinstance(cache, list):
+        return [tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2) for c, n in zip(kv, new))
+                for kv, new in zip(cache, new_kv)]
+    return tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=3) for c, n in zip(cache, new_kv))
+
+
 def logits_from_hidden(params, cfg: TextConfig, x):
-    """[B, T, D] -> float32 [B, T, V] with the tied embedding table (read as [V, D], no transpose)."""
-    logits = jnp.einsum("BTD,VD->BTV", x, params["embedder"]["input_embedding"]).astype(jnp.float32)
-    return softcap(logits, cfg.final_softcap)
+    """[B, T, D] -> float32 [B, T, V] with the tied embedding table, read as stored ([V, D], no transpose).
+
+    For a few rows XLA on CPU reads the table about twice as fast as [V, D] · [D, rows] (measured at 4 rows);
+    for many rows (training) the usual order avoids transposing a large [V, rows] result.
+    """
+    table = params["embedder"]["input_embedding"]
+    b, t, d = x.shape
+    if b * t <= _IN_PLACE_MAX_ROWS:
+        logits = jax.lax.dot_general(table, x.reshape(b * t, d), (((1,), (1,)), ((), ()))).T.reshape(b, t, -1)
+    else:
+        logits = jnp.einsum("BTD,VD->BTV", x, table)
+    return softcap(logits.astype(jnp.float32), cfg.final_softcap)

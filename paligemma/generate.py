@@ -14,6 +14,7 @@ compiled loop serves a whole request or a streaming chunk, with one host round t
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import time
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import gemma
+from . import checkpoint, compile_cache, gemma, sharding
 from .config import PaliGemmaConfig
 from .model import embed_sequence, prefix_lm_mask
 from .samplers import Sampler, sample
@@ -63,19 +64,29 @@ def _mask_vocab(logits, valid_vocab: int):
 
 
 def _prefill(params, images, tokens, prompt_len, kind_id, value, key, *, cfg: PaliGemmaConfig,
-             max_new: int, valid_vocab: int, eos_id: int):
-    """Encodes images + prompts, fills the cache and samples the first token. Returns the decode state."""
+             max_new: int, valid_vocab: int, eos_id: int, per_layer_cache: bool, cache_sharding=None):
+    """Encodes images + prompts, fills the cache and samples the first token. Returns the decode state.
+
+    Runs the stacked layers (prefill is compute-bound: a scan over layers compiles faster and its
+    per-layer weight slices cost little next to the matmuls over all prompt tokens). per_layer_cache: hand
+    decode the cache as a per-layer list (when it runs per-layer views). cache_sharding: where the KV cache
+    lives when the model is split over devices (sharding.py)."""
     x = embed_sequence(params, cfg, images, tokens)  # [B, P + Tp, D]
     b, length, _ = x.shape
     prefix_end = cfg.num_image_tokens + prompt_len  # [B]
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    hidden, (k, v) = gemma.run_layers(params["llm"], cfg.text, x, positions, prefix_lm_mask(prefix_end, prefix_end, length))
+    hidden, new_kv = gemma.run_layers(params["llm"], cfg.text, x, positions, prefix_lm_mask(prefix_end, prefix_end, length))
     last = jnp.take_along_axis(hidden, (prefix_end - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, last)[:, 0], valid_vocab)
     first = sample(logits, kind_id, value, jax.random.fold_in(key, 0))
-    pad = [(0, 0), (0, 0), (0, max_new), (0, 0), (0, 0)]  # k, v: [L, B, P + Tp + Nmax, K, H]
+    cache = gemma.map_cache(lambda c, axis: jnp.pad(c, [(0, max_new) if a == axis else (0, 0) for a in range(c.ndim)]),
+                            new_kv)  # room for the generated tokens after P + Tp
+    if cache_sharding is not None:
+        cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_sharding), cache)
+    if per_layer_cache:
+        cache = gemma.unstack_cache(cache)
     return {
-        "cache_k": jnp.pad(k, pad), "cache_v": jnp.pad(v, pad),
+        "cache": cache,
         "tokens": jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first),
         "step": jnp.int32(1), "done": (first == eos_id) | (prompt_len == 0), "prefix_end": prefix_end,
         "kind_id": kind_id, "value": value, "key": key,
@@ -84,7 +95,7 @@ def _prefill(params, images, tokens, prompt_len, kind_id, value, key, *, cfg: Pa
 
 def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos_id: int, pad_id: int):
     """Generates tokens until every row is done or `step` reaches `limit` (traced)."""
-    cache_len = state["cache_k"].shape[2]
+    cache_len = gemma.cache_length(state["cache"])
     generated_start = cache_len - state["tokens"].shape[1]  # P + Tp
 
     def cond(s):
@@ -99,15 +110,13 @@ def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos
         slots = jnp.arange(cache_len)[None, None, :]
         mask_cache = (slots < s["prefix_end"][:, None, None]) | ((slots >= generated_start) & (slots < index))
         mask_new = jnp.ones((token.shape[0], 1, 1), bool)
-        hidden, (k, v) = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new,
-                                          (s["cache_k"], s["cache_v"]), mask_cache)
+        hidden, new_kv = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new, s["cache"], mask_cache)
         logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, hidden)[:, 0], valid_vocab)
         nxt = sample(logits, s["kind_id"], s["value"], jax.random.fold_in(s["key"], step))
         nxt = jnp.where(s["done"], pad_id, nxt)
         return {
             **s,
-            "cache_k": jax.lax.dynamic_update_slice_in_dim(s["cache_k"], k, index, axis=2),
-            "cache_v": jax.lax.dynamic_update_slice_in_dim(s["cache_v"], v, index, axis=2),
+            "cache": gemma.write_cache(s["cache"], new_kv, index),
             "tokens": jax.lax.dynamic_update_slice_in_dim(s["tokens"], nxt[:, None], step, axis=1),
             "step": step + 1, "done": s["done"] | (nxt == eos_id),
         }
@@ -115,14 +124,71 @@ def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos
     return jax.lax.while_loop(cond, body, state)
 
 
+def decode_params(params):
+    """The params the decode loop runs on: on CPU the decoder layers as a list of per-layer arrays that share
+    the stacked arrays' memory (see gemma.py for why), elsewhere — or where sharing is impossible — as they are."""
+    layers = params["llm"]["layers"]
+    views = jax.tree.map(_layer_views, layers)
+    if any(v is None for v in jax.tree.leaves(views, is_leaf=lambda v: v is None)):
+        return params
+    depth = len(jax.tree.leaves(views, is_leaf=lambda v: isinstance(v, list))[0])
+    per_layer = [jax.tree.map(lambda v, i=i: v[i], views, is_leaf=lambda v: isinstance(v, list)) for i in range(depth)]
+    return {**params, "llm": {**params["llm"], "layers": per_layer}}
+
+
+def _layer_views(stacked) -> list[jax.Array] | None:
+    """[L, ...] -> L arrays [...] aliasing the stacked array's buffer, or None where that cannot be done.
+
+    XLA adopts 64-byte-aligned host memory without a copy (DLPack); on CPU a device buffer *is* host memory,
+    so each layer's row of it can be adopted as its own array. The views do not own the memory: the stacked
+    array must outlive them (the Generator holds both) and must not be donated (see _check_alive).
+    """
+    if not isinstance(stacked, jax.Array) or stacked.ndim < 2 or jax.default_backend() != "cpu":
+        return None
+    if len(stacked.devices()) != 1 or np.dtype(stacked.dtype).kind not in "fiu":  # bfloat16 has no DLPack code
+        return None
+    address, row_bytes = stacked.unsafe_buffer_pointer(), stacked.nbytes // stacked.shape[0]
+    if address % checkpoint.ALIGNMENT or row_bytes % checkpoint.ALIGNMENT:
+        return None
+    memory = (ctypes.c_char * stacked.nbytes).from_address(address)
+    host = np.frombuffer(memory, dtype=stacked.dtype).reshape(stacked.shape)
+    return [jax.dlpack.from_dlpack(host[i], copy=False) for i in range(stacked.shape[0])]
+
+
+def _check_alive(params) -> None:
+    """Per-layer views would read freed memory where the stacked params were donated; refuse instead."""
+    if any(leaf.is_deleted() for leaf in jax.tree.leaves(params["llm"]["layers"])):
+        raise RuntimeError("the model's decoder weights were deleted (donated to another computation?); "
+                           "give the model live params with replace_params() before generating")
+
+
 class Generator:
-    """Compiles prefill/decode once per (batch, prompt, new-token) bucket and reuses them."""
+    """Compiles prefill/decode once per (batch, prompt, new-token) bucket and reuses them.
+
+    Params split over a mesh (checkpoint.load_params(..., mesh=...)) make it run there too: inputs are
+    replicated, the KV cache split by kv heads, and XLA partitions the rest.
+    """
 
     def __init__(self, params, cfg: PaliGemmaConfig, valid_vocab: int, eos_id: int, pad_id: int):
-        self.params, self.cfg = params, cfg
+        compile_cache.enable()  # executables survive restarts (see compile_cache.py)
+        self.cfg = cfg
+        self.params = params
+        mesh = sharding.mesh_of(params)
+        self._inputs_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._static = dict(cfg=cfg, valid_vocab=valid_vocab, eos_id=eos_id)
+        self._cache_sharding = None if mesh is None else sharding.cache_sharding(cfg, mesh)
         self._pad_id = pad_id
         self._compiled: dict[tuple[int, int, int], tuple] = {}
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params) -> None:
+        """Swaps weights (same shapes); the compiled functions stay."""
+        self._params = params
+        self._decode_params = decode_params(params)
 
     @property
     def compile_count(self) -> int:
@@ -133,15 +199,18 @@ class Generator:
         key = (batch, prompt_len, max_new)
         if key not in self._compiled:
             r = self.cfg.image_size
-            images = jax.ShapeDtypeStruct((batch, r, r, 3), jnp.float32)
-            tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-            lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-            prefill = jax.jit(functools.partial(_prefill, max_new=max_new, **self._static)).lower(
-                self.params, images, tokens, lengths, *sampler_args)
-            state = prefill.out_info
-            prefill = prefill.compile()
+            inputs = [((batch, r, r, 3), jnp.float32), ((batch, prompt_len), jnp.int32), ((batch,), jnp.int32)]
+            inputs += [(x.shape, x.dtype) for x in sampler_args]
+            inputs = [jax.ShapeDtypeStruct(shape, dtype, sharding=self._inputs_sharding) for shape, dtype in inputs]
+            per_layer = self._decode_params is not self._params
+            prefill = jax.jit(functools.partial(_prefill, max_new=max_new, per_layer_cache=per_layer,
+                                                cache_sharding=self._cache_sharding, **self._static)
+                              ).lower(self._params, *inputs).compile()
+            # decode takes the state where prefill left it (split over the mesh, if any)
+            state = jax.tree.map(lambda info, where: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=where),
+                                 prefill.out_info, prefill.output_shardings)
             decode = jax.jit(functools.partial(_decode, pad_id=self._pad_id, **self._static), donate_argnums=1).lower(
-                self.params, state, jnp.int32(0)).compile()
+                self._decode_params, state, jnp.int32(0)).compile()
             self._compiled[key] = (prefill, decode)
         return self._compiled[key]
 
@@ -164,10 +233,11 @@ class Generator:
             images = np.concatenate([images, np.zeros((batch - n, *images.shape[1:]), images.dtype)])
         sampler_args = (jnp.int32(sampler.kind_id), jnp.float32(sampler.value), jax.random.key(seed))
 
+        _check_alive(self._params)
         timing = Timing(compiled=(batch, prompt_len, max_new) not in self._compiled)
         start = time.perf_counter()
         prefill, decode = self._executables(batch, prompt_len, max_new, sampler_args)
-        state = prefill(self.params, images, tokens, lengths, *sampler_args)
+        state = prefill(self._params, images, tokens, lengths, *sampler_args)
         step, done = 1, np.asarray(state["done"])[:n]
         timing.prefill_s = time.perf_counter() - start
         timing.new_tokens = 1
@@ -176,7 +246,7 @@ class Generator:
         start = time.perf_counter()
         while step < max_new_tokens and not done.all():
             limit = max_new_tokens if chunk is None else min(step + chunk, max_new_tokens)
-            state = decode(self.params, state, jnp.int32(limit))
+            state = decode(self._decode_params, state, jnp.int32(limit))
             ids = np.asarray(state["tokens"][:n])
             step, done = int(state["step"]), np.asarray(state["done"])[:n]
             timing.decode_s = time.perf_counter() - start
