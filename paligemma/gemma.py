@@ -7,11 +7,18 @@ Attention takes the new tokens' keys/values and, optionally, a KV cache of earli
 scored separately and share one softmax, so the layer never writes into the cache: the caller writes all
 layers' new keys/values at once, in place, outside the layer loop.
 
-`params["layers"]` is either stacked (each leaf [L, ...]: one `lax.scan`, compile time independent of depth;
-what checkpoints and training use) or a list of per-layer dicts (an unrolled loop). Generation on CPU uses
-the list: XLA on CPU copies a layer's weights out of a stacked array before every matmul, which triples
-the memory traffic of decoding. KV caches come in the same two forms: (k, v) stacked [L, B, K, S, H], or a
-list of per-layer (k, v) each [B, K, S, H] (kv heads before positions: attention reads them in place).
+Decoding reads every weight once per token, so its speed is memory bandwidth, and on XLA's CPU backend
+that depends on how a weight reaches its matmul (measured on 2 cores, 6-layer MLP stack, 1 row):
+  - from a stacked [L, ...] array inside a `lax.scan`, each layer's slice is first copied: 2.9 GB/s;
+    from separate per-layer arrays the same matmuls read 9.9 GB/s;
+  - an einsum contracting a middle axis ("BTD,NDH->BTNH"), or w[0] and w[1] of gating, copies or
+    transposes the weight on every call (1.1 GB/s); one dot_general with the leading axis as a batch
+    dimension reads it in place (14.6 GB/s).
+So `params["layers"]` is either stacked (each leaf [L, ...]: one `lax.scan`; checkpoints, training and
+prefill use it) or a list of per-layer dicts (an unrolled loop; the decode loop on CPU, see generate.py),
+and up to _IN_PLACE_MAX_ROWS rows the projections are written as in-place dots. KV caches come in the same
+two forms: (k, v) stacked [L, B, K, S, H], or a list of per-layer (k, v) each [B, K, S, H] (kv heads before
+positions, so attention reads them in place too).
 """
 
 from __future__ import annotations
