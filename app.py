@@ -15,7 +15,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from paligemma.generate import MAX_NEW_TOKENS
-from playground import prompts, registry
+from playground import batching, prompts, registry
 from playground.manager import ModelManager
 from playground.requests import DECODINGS, DEFAULT_MAX_NEW_TOKENS, ArrivalStamp, Playground
 
@@ -26,6 +26,7 @@ MODELS_FILE = os.path.join(HERE, "models.json")
 MAX_FILE_SIZE = "10mb"
 QUEUE_SIZE = 32  # waiting runs beyond this are turned away with "queue full"
 STATUS_CONCURRENCY = 8  # model-status events only wait for a load; they do not use the accelerator
+RUN_CONCURRENCY = 2 * batching.MAX_BATCH  # runs in flight: a batch on the model and the next one gathering
 INTRO = """# PaliGemma playground
 Upload an image, pick a task (or type any prompt) and press **Run**. Detections and segmentations are
 drawn on the image; their labels share the colours of the highlighted text."""
@@ -75,7 +76,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
               concurrency_id="status", concurrency_limit=STATUS_CONCURRENCY)
         gr.on([run.click, prompt.submit], playground.run,
               [image, prompt, model, decoding, max_new_tokens], [highlighted, annotated, raw, detections, timing],
-              api_name="run", preprocess=False)
+              api_name="run", preprocess=False, concurrency_id="run", concurrency_limit=RUN_CONCURRENCY)
     return demo
 
 
@@ -93,7 +94,8 @@ def _task_of_prompt(prompt: str):
 
 def serve(demo: gr.Blocks, models: registry.Registry, host: str, port: int, share: bool = False,
           block: bool = True):
-    """Queue sized for one accelerator; uploads capped; nothing served but the app's own files."""
+    """Queue bounded (runs share the accelerator through playground.batching); uploads capped; nothing served
+    but the app's own files."""
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                        max_file_size=MAX_FILE_SIZE, allowed_paths=[], blocked_paths=models.local_sources(),

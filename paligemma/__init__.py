@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, hub
+from . import checkpoint, hub, sharding
 from .config import CheckpointError, PaliGemmaConfig
 from .generate import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, Generator, Timing
 from .params import count as count_params
@@ -66,7 +66,14 @@ class Model:
     def info(self) -> dict:
         return {"name": self.config.describe(), "resolution": self.config.image_size,
                 "parameters": count_params(self.params), "dtype": jnp.dtype(self.dtype).name,
-                "device": str(jax.devices()[0].platform), "source": self.source}
+                "device": self.device, "source": self.source}
+
+    @property
+    def device(self) -> str:
+        """The platform the weights live on, with the device count when split, e.g. 'cpu' or 'gpu ×4'."""
+        devices = self.params["llm"]["embedder"]["input_embedding"].devices()
+        platform = next(iter(devices)).platform
+        return platform if len(devices) == 1 else f"{platform} ×{len(devices)}"
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
@@ -140,16 +147,37 @@ def _find_beside(folder: str, names: Sequence[str]) -> str | None:
     return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
 
 
-def load(source: str | os.PathLike, dtype=None, tokenizer: str | None = None, mask_decoder: str | None = None) -> Model:
+def _mesh_for(devices) -> jax.sharding.Mesh | None:
+    """Where load(devices=...) puts the weights: None for the default device (host buffers adopted without a
+    copy on CPU), else a "model" mesh (one device: the model lives there; several: split over them)."""
+    if isinstance(devices, jax.sharding.Mesh):
+        if devices.axis_names != (sharding.AXIS,):
+            raise ValueError(f"the mesh must have the one axis {sharding.AXIS!r} (sharding.make_mesh makes one); "
+                             f"got axes {devices.axis_names}")
+        return devices
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    if devices is None or list(devices) == [jax.devices()[0]]:
+        return None
+    if isinstance(devices, str) or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"devices must be a list of jax devices (e.g. jax.devices()[:2]) or a mesh; got {devices!r}")
+    return sharding.make_mesh(devices)
+
+
+def load(source: str | os.PathLike, dtype=None, tokenizer: str | None = None, mask_decoder: str | None = None,
+         devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None) -> Model:
     """Loads a .npz file, a folder holding one, a Hugging Face-format folder, or a Hub repo id.
 
     The tokenizer (`tokenizer.model`) and the VQ-VAE (`vae-oid.npz`) are found beside the weights unless
     given. dtype: None (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
+    devices: None (the default device), a list of devices (one: the model lives there; several: it is split
+    over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
+    mesh = _mesh_for(devices)
     path = hub.resolve(source)
     weights = _find_weights(path) if os.path.isdir(path) else path
     folder = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
@@ -158,6 +186,6 @@ def load(source: str | os.PathLike, dtype=None, tokenizer: str | None = None, ma
         raise CheckpointError(f"no tokenizer found beside {weights}: expected one of {', '.join(_TOKENIZER_NAMES)} "
                               f"in {folder}, or pass tokenizer=PATH")
     tok = Tokenizer(tokenizer_path)
-    params, cfg = checkpoint.load_params(weights, dtype)
+    params, cfg = checkpoint.load_params(weights, dtype, mesh=mesh)
     return Model(params, cfg, tok, source=os.fspath(source),
                  mask_decoder_path=mask_decoder or _find_beside(folder, (_MASK_DECODER_NAME,)))

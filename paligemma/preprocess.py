@@ -11,6 +11,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Transparent pixels are shown on white, as an image viewer would show them.
 _BACKGROUND = (255, 255, 255)
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# The formats a person uploads. Pillow knows dozens more; some hand the file to other programs (EPS runs
+# Ghostscript) or to decoders with a history of exploits, so anything else is refused before it is parsed.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # JPEG includes MPO, the multi-picture JPEG of cameras
+ACCEPTED = "PNG, JPEG, WebP, GIF or BMP"
 
 
 class ImageError(ValueError):
@@ -18,22 +22,22 @@ class ImageError(ValueError):
 
 
 def open_image(source) -> Image.Image:
-    """Opens a path, bytes or file object with Pillow; unreadable or oversized input raises ImageError."""
+    """Opens a path, bytes or file object in one of FORMATS (its first frame); unreadable, oversized or other
+    input raises ImageError."""
     name = os.fspath(source) if isinstance(source, str | os.PathLike) else "the uploaded data"
     try:
         if isinstance(source, bytes | bytearray):
             source = io.BytesIO(source)
-        image = Image.open(source)
-        image.load()
+        image = Image.open(source, formats=FORMATS)
+        image.load()  # the first frame of an animation
         return image
     except Image.DecompressionBombError:
         raise ImageError(f"{name} has too many pixels to decode safely (more than {Image.MAX_IMAGE_PIXELS * 2:,}); "
                          f"resize it first") from None
     except UnidentifiedImageError:
-        raise ImageError(f"could not read an image from {name}: not an image format Pillow knows. "
-                         f"Use a PNG, JPEG, WebP, GIF or BMP file.") from None
+        raise ImageError(f"could not read an image from {name}: it is not a {ACCEPTED} image.") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"could not read an image from {name}: {err}. Use a PNG, JPEG, WebP, GIF or BMP file.") from None
+        raise ImageError(f"could not read an image from {name}: {err}. Use a {ACCEPTED} file.") from None
 
 
 def to_rgb(image) -> Image.Image:

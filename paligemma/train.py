@@ -29,7 +29,7 @@ from .config import PaliGemmaConfig, TextConfig, VisionConfig
 from .model import forward
 from .params import count, init_params
 from .preprocess import preprocess
-from .tokenizer import Tokenizer
+from .tokenizer import NUM_LOC, Tokenizer
 
 TEXT_BUCKETS = (32, 48, 64, 96, 128)
 
@@ -112,14 +112,73 @@ class Batches:
                 "seq_len": np.asarray(lengths, np.int32)}
 
 
-def suffix_loss(params, cfg: PaliGemmaConfig, batch):
+@dataclasses.dataclass(frozen=True)
+class LocTargets:
+    """Soft targets for `<locNNNN>` tokens: a Gaussian of `sigma` bins around the true bin.
+
+    A box edge one bin off is nearly as good as the exact bin, but plain cross-entropy scores it like any
+    other wrong token; spreading the target over neighbours teaches coordinates as quantities.
+    """
+
+    first_id: int  # id of <loc0000>; the 1024 loc ids must be consecutive
+    sigma: float
+
+
+def loc_targets_of(tokenizer: Tokenizer, sigma: float) -> LocTargets | None:
+    if sigma <= 0:
+        return None
+    ids = tokenizer.loc_ids
+    if ids is None or ids != list(range(ids[0], ids[0] + NUM_LOC)):
+        raise ValueError("--loc-sigma needs a tokenizer whose <loc0000>..<loc1023> ids are consecutive")
+    return LocTargets(ids[0], sigma)
+
+
+def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = None):
     """Mean cross-entropy of the suffix tokens (and EOS), each predicted from the position before it."""
     logits = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"])
     targets = batch["tokens"][:, 1:]
     position = jnp.arange(1, batch["tokens"].shape[1])[None]
     weights = (position >= batch["prefix_len"][:, None]) & (position < batch["seq_len"][:, None])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))  # [B, T-1, V]
+    losses = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if loc is not None:
+        target_bin = targets - loc.first_id  # [B, T-1]
+        soft = jax.nn.softmax(-0.5 * jnp.square((jnp.arange(NUM_LOC) - target_bin[..., None]) / loc.sigma))
+        loc_log_probs = jax.lax.slice_in_dim(log_probs, loc.first_id, loc.first_id + NUM_LOC, axis=-1)
+        is_loc = (target_bin >= 0) & (target_bin < NUM_LOC)
+        losses = jnp.where(is_loc, -jnp.sum(soft * loc_log_probs, axis=-1), losses)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def sincos_codes(positions: np.ndarray, width: int, longest: float) -> np.ndarray:
+    """[N] positions -> [N, width] sines and cosines at geometric frequencies, unit RMS.
+
+    Dot products of two codes fall off smoothly with the distance between their positions.
+    """
+    frequencies = np.pi / longest * np.geomspace(1.0, longest / 4.0, width // 2)
+    angles = positions[:, None] * frequencies[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def structured_init(params, cfg: PaliGemmaConfig, tokenizer: Tokenizer, std: float = 0.02):
+    """Starts a from-scratch model with geometry built in: 2D sin-cos patch position embeddings and
+    loc token embeddings that vary smoothly with their bin, so nearby boxes start out alike."""
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    half = cfg.vision.width // 2
+    position = np.concatenate([sincos_codes(rows, half, grid), sincos_codes(cols, half, grid)], axis=1)
+    # patch embeddings of a random init have an RMS near 0.5 on these images; positions must not drown in them
+    params["img"]["pos_embedding"] = jnp.asarray(position[None] * 0.5)
+    if tokenizer.loc_ids is not None:
+        codes = sincos_codes(np.arange(NUM_LOC, dtype=np.float32), cfg.text.width, NUM_LOC)
+        embedding = params["llm"]["embedder"]["input_embedding"]
+        params["llm"]["embedder"]["input_embedding"] = embedding.at[np.asarray(tokenizer.loc_ids)].set(codes * std)
+    return params
+
+
+def fresh_params(cfg: PaliGemmaConfig, tokenizer: Tokenizer, seed: int):
+    """The starting point of training from scratch: random weights with structured_init's geometry."""
+    return structured_init(init_params(cfg, seed), cfg, tokenizer)
 
 
 def make_optimizer(params, lr: float, steps: int, freeze_image_encoder: bool):
@@ -131,10 +190,10 @@ def make_optimizer(params, lr: float, steps: int, freeze_image_encoder: bool):
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def make_train_step(cfg: PaliGemmaConfig, optimizer):
+def make_train_step(cfg: PaliGemmaConfig, optimizer, loc: LocTargets | None = None):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(suffix_loss)(params, cfg, batch)
+        loss, grads = jax.value_and_grad(suffix_loss)(params, cfg, batch, loc)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
     return step
@@ -143,7 +202,7 @@ def make_train_step(cfg: PaliGemmaConfig, optimizer):
 def evaluate(model: Model, batches: Batches, examples: list[Example], cfg, limit: int = 64) -> dict:
     """Validation loss and exact-match rate of greedy answers on the first `limit` examples."""
     indices = list(range(min(limit, len(batches))))
-    loss = float(jax.jit(suffix_loss, static_argnums=1)(model.params, cfg, batches.batch(indices)))
+    loss = float(jax.jit(suffix_loss, static_argnums=1)(model.params, cfg, batches.batch(indices)))  # plain CE
     correct = 0
     for start in range(0, len(indices), 16):
         chunk = indices[start: start + 16]
@@ -164,13 +223,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--freeze-image-encoder", action="store_true")
+    p.add_argument("--loc-sigma", type=float, default=0.0,
+                   help="spread <locNNNN> targets as a Gaussian of this many bins (0: exact targets)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def _save(out: str, params, tokenizer_path: str) -> None:
+def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
+    """model.npz in the big_vision layout with the tokenizer beside it: a folder `paligemma.load` reads."""
     os.makedirs(out, exist_ok=True)
     checkpoint.save_npz(os.path.join(out, "model.npz"), params)
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, "tokenizer.model")):
@@ -186,7 +248,8 @@ def train(args) -> dict:
             raise ValueError("training from scratch needs --tokenizer")
         tokenizer = Tokenizer(args.tokenizer)
         cfg = CONFIGS[args.config](tokenizer.vocab_size)
-        params = init_params(cfg, args.seed)
+        params = fresh_params(cfg, tokenizer, args.seed)
+    loc = loc_targets_of(tokenizer, args.loc_sigma)
     train_examples = read_jsonl(os.path.join(args.data, "train.jsonl"))
     train_data = Batches(args.data, train_examples, tokenizer, cfg.image_size)
     valid_path = os.path.join(args.data, "valid.jsonl")
@@ -195,7 +258,7 @@ def train(args) -> dict:
 
     optimizer = make_optimizer(params, args.lr, args.steps, args.freeze_image_encoder)
     opt_state = optimizer.init(params)
-    step_fn = make_train_step(cfg, optimizer)
+    step_fn = make_train_step(cfg, optimizer, loc)
     model = Model(params, cfg, tokenizer)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(train_data))
@@ -219,7 +282,7 @@ def train(args) -> dict:
             figures = evaluate(model, valid_data, valid_examples, cfg)
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()), file=sys.stderr)
         if step % args.save_every == 0 or step == args.steps:
-            _save(args.out, params, tokenizer.path)
+            save_checkpoint(args.out, params, tokenizer.path)
     return {"steps": args.steps, "losses": history, "seconds": time.perf_counter() - start}
 
 

@@ -11,17 +11,23 @@ import io
 import itertools
 import json
 import logging
+import math
+import numbers
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 
 import gradio as gr
+from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image, UnidentifiedImageError
 
+import paligemma
 import postprocess
-from paligemma.preprocess import ImageError, open_image, to_rgb
+from paligemma.generate import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
+from paligemma.preprocess import ACCEPTED, FORMATS, ImageError, open_image, to_rgb
 from paligemma.samplers import parse_sampler
+from playground.batching import Batcher
 from playground.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -55,41 +61,81 @@ def arrival_time(request: gr.Request | None) -> float | None:
 
 
 def read_upload(upload: dict | None) -> Image.Image:
-    """The visitor's image (gr.Image's unprocessed upload) as RGB; refused with a clear message when missing,
-    unreadable or too large."""
-    path = (upload or {}).get("path")
+    """The visitor's image (gr.Image's unprocessed upload) as RGB, its first frame if animated; refused with a
+    clear message when missing, not an upload, unreadable or too large."""
+    path = upload.get("path") if isinstance(upload, dict) else None
     if not path:
-        raise ImageError("Upload an image first (PNG, JPEG, WebP, GIF or BMP), or pick an example.")
-    with open(path, "rb") as f:
-        data = f.read()
+        raise ImageError(f"Upload an image first ({ACCEPTED}), or pick an example.")
+    if not _is_upload(path):
+        raise ImageError("send the image itself with the request (gradio_client: handle_file(...)); this server "
+                         "reads no file it was not sent")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise ImageError("the uploaded image is no longer on the server; upload it again") from None
     _check_pixels(data)
     return to_rgb(open_image(data))
+
+
+def _is_upload(path) -> bool:
+    """Whether `path` is in Gradio's upload folder (uploads and cached examples). With preprocess=False Gradio
+    passes on a {"path": ...} that lacks FileData's meta unchecked, so a visitor could name any server file."""
+    try:
+        return isinstance(path, str) and is_in_or_equal(path, get_upload_folder())
+    except (OSError, ValueError):  # e.g. a NUL in the path
+        return False
 
 
 def _check_pixels(data: bytes) -> None:
     """Reads the size from the file header only, so that a huge image is refused before it fills memory."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError:
-        width, height = MAX_PIXELS + 1, 1  # Pillow's own limit is above ours
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+            size, pixels = f"{probe.width}×{probe.height} pixels", probe.width * probe.height
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours; its error does not give the size
+        size, pixels = f"over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels", None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return  # not an image Pillow knows: open_image says so with its message
-    if width * height > MAX_PIXELS:
-        raise ImageError(f"the image is {width}×{height} pixels; this server takes at most {MAX_PIXELS / 1e6:.0f} "
-                         f"megapixels (e.g. {int(MAX_PIXELS ** 0.5)}×{int(MAX_PIXELS ** 0.5)}). Shrink it and retry.")
+        return  # not an image we read: open_image says so with its message
+    if pixels is None or pixels > MAX_PIXELS:
+        raise ImageError(f"the image is {size}; this server takes at most {MAX_PIXELS / 1e6:.0f} megapixels "
+                         f"(e.g. {int(MAX_PIXELS ** 0.5)}×{int(MAX_PIXELS ** 0.5)}). Shrink it and retry.")
 
 
 def _checked_prompt(prompt: str | None) -> str:
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
     prompt = (prompt or "").strip()
     if not prompt:
         raise ValueError("Type a prompt or pick a task, e.g. 'caption en' or 'detect cat'.")
     return prompt
 
 
+# Tokenise no further than this: no token is this long, and encoding megabytes of pasted text takes seconds.
+MAX_PROMPT_CHARS = 64 * MAX_PROMPT_TOKENS
+
+
+def _fitted_prompt(model: paligemma.Model, prompt: str) -> str:
+    """The prompt cut to the model's prompt budget, with a notice on the page, rather than refused: whoever
+    pasted a long text still gets an answer about its beginning."""
+    tokenizer = model.tokenizer
+    budget = MAX_PROMPT_TOKENS - len(tokenizer.encode_prompt(""))  # [bos] and "\n" take their places
+    head = prompt[:MAX_PROMPT_CHARS]
+    ids = tokenizer.encode(head)
+    if len(ids) <= budget and head == prompt:
+        return prompt
+    kept = min(len(ids), budget)
+    while len(tokenizer.encode(cut := tokenizer.decode(ids[:kept]))) > budget:
+        kept -= 1  # decoding and encoding again can take more tokens where the cut falls
+    gr.Warning(f"The prompt is longer than this model reads ({budget} tokens): only its beginning was used.")
+    return cut
+
+
 def _checked_tokens(value) -> int:
-    if value is None or float(value) != int(value):
-        raise ValueError(f"max new tokens must be a whole number, got {value!r}")
+    """A whole number from 1 to MAX_NEW_TOKENS; the API hands over whatever was sent, not the slider's value."""
+    whole = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+             and value == int(value))
+    if not whole or not 1 <= value <= MAX_NEW_TOKENS:
+        raise ValueError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {value!r}")
     return int(value)
 
 
@@ -100,6 +146,7 @@ class Playground:
         self.manager = manager
         self._downloads = tempfile.TemporaryDirectory(prefix="playground-downloads-")  # removed at exit
         self._download_numbers = itertools.count(1)
+        self.batcher = Batcher(seed=SEED, chunk=STREAM_EVERY_TOKENS)  # concurrent runs share generate calls
 
     def load_model(self, model: str, progress=PROGRESS) -> str:
         """Loads `model` in the background, showing its progress; returns its info line."""
@@ -115,7 +162,8 @@ class Playground:
 
         Wired with `preprocess=False`: the image arrives as gr.Image's upload record ({"path": ...}, already
         checked by Gradio to be an upload), unread, so that a bad file gets our message rather than Gradio's
-        generic error; the model name is checked against the registry here.
+        generic error; the model name is checked against the registry here. Runs in flight at the same
+        time with the same model and decoding share one generate call (see playground/batching.py).
 
         Parameters:
             image: the image file (PNG, JPEG, WebP, GIF or BMP).
@@ -134,15 +182,16 @@ class Playground:
             sampler = parse_sampler(decoding)
             max_new = _checked_tokens(max_new_tokens)
             ready = self.manager.get(model, progress=lambda f, message: progress(f, desc=f"{model}: {message}"))
+            prompt = _fitted_prompt(ready.model, prompt)
             timing = {"queue_s": None if arrived is None else round(started - arrived, 4),
                       "load_wait_s": round(time.monotonic() - started, 4)}
             display = picture.copy()
             display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
             text = ""
             yield _highlighted(text, display), None, text, None, timing
-            for result in ready.model.run([picture], [prompt], max_new, sampler, SEED, chunk=STREAM_EVERY_TOKENS):
-                text = result.texts[0]
-                timing.update(result.timing.as_dict())
+            for update in self.batcher.submit(ready.model, picture, prompt, max_new, sampler):
+                text = update.text
+                timing.update(update.timing)
                 yield _highlighted(text, display), None, text, None, timing
             finished = time.monotonic()
             annotated, detections = self._annotations(text, picture, display, ready.masks)

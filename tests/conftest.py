@@ -12,6 +12,17 @@ SCENE_TEXTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_compile_cache(tmp_path_factory):
+    """Compiled executables of the test session go to a fresh folder, not the user's ~/.cache (subprocesses
+    inherit it too, unless a test sets its own)."""
+    from paligemma import compile_cache
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(compile_cache.ENV, str(tmp_path_factory.mktemp("compile_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
     """A small Gemma-layout SentencePiece model with the loc/seg pieces, trained by the test session."""

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from paligemma import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,3 +59,12 @@ def test_switched_off_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert _request_in_fresh_process(tiny_model_dir, "off")["hits"] == 0
     assert not (tmp_path / "paligemma").exists()
+
+
+def test_the_test_session_compiles_into_a_temporary_folder(tiny_model, tmp_path_factory):
+    import jax
+
+    tiny_model.generate(np.zeros((20, 20, 3), np.uint8), "caption en", max_new_tokens=2)
+    folder = jax.config.jax_compilation_cache_dir
+    assert folder.startswith(str(tmp_path_factory.getbasetemp())), folder
+    assert os.listdir(folder)

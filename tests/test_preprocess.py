@@ -72,3 +72,47 @@ def test_decompression_bomb_is_a_clear_error(monkeypatch):
     Image.new("RGB", (100, 100)).save(buffer, "PNG")
     with pytest.raises(ImageError, match="too many pixels"):
         open_image(buffer.getvalue())
+
+
+def _encoded(image, fmt, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
+def test_truncated_files_are_clear_errors(fmt):
+    data = _encoded(_image("RGB", (64, 48)), fmt)
+    for length in (len(data) // 2, 40, 3):
+        with pytest.raises(ImageError, match="could not read an image from the uploaded data"):
+            to_rgb(open_image(data[:length]))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "MPO"])
+def test_animations_and_multi_picture_files_give_their_first_frame(fmt):
+    frames = [Image.new("RGB", (24, 16), color) for color in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    data = _encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, **options)
+    image = open_image(data)
+    assert image.n_frames == 3
+    pixels = np.asarray(to_rgb(image), dtype=int)
+    assert np.abs(pixels - (255, 0, 0)).max() <= (8 if fmt == "MPO" else 1)  # JPEG frames are approximate
+
+
+def test_transparent_palette_entries_show_on_white():
+    image = Image.new("P", (8, 4), 0)
+    image.putpalette([255, 0, 0, 0, 200, 0] + [0] * 762)
+    image.paste(1, (4, 0, 8, 4))
+    for fmt in ("PNG", "GIF"):
+        rgb = to_rgb(open_image(_encoded(image, fmt, transparency=0)))
+        assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((7, 0)) == (0, 200, 0)
+
+
+@pytest.mark.parametrize("data", [
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",  # Pillow would hand it to Ghostscript
+    _encoded(Image.new("RGB", (8, 8)), "TIFF"), _encoded(Image.new("RGB", (16, 16)), "ICO"),
+    _encoded(Image.new("RGB", (8, 8)), "PPM"),
+], ids=["eps", "tiff", "ico", "ppm"])
+def test_formats_outside_the_accepted_ones_are_refused_unparsed(data):
+    with pytest.raises(ImageError, match="not a PNG, JPEG, WebP, GIF or BMP image"):
+        open_image(data)

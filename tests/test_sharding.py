@@ -1,5 +1,5 @@
-"""Placement of the weights: split over 2 and 4 devices (simulated on the CPU) a model generates the same
-greedy tokens as on one device; which leaves are split; on one CPU device, loading adopts host buffers
+"""Placement of the weights: on another device, or split over 2 and 4 devices (simulated on the CPU), a
+model generates the same greedy tokens as on the default device; which leaves are split; on one CPU device, loading adopts host buffers
 without a copy and generation reads each decoder layer in place through views of the stacked weights."""
 
 import json
@@ -20,8 +20,7 @@ _SPLIT = """
 import json, sys
 import jax, numpy as np
 import paligemma
-from paligemma import checkpoint, sharding
-from paligemma.tokenizer import Tokenizer
+from paligemma import sharding
 
 folder = sys.argv[1]
 rng = np.random.default_rng(0)
@@ -31,20 +30,24 @@ prompts = ["caption en", "answer en how many shapes are there?"]
 def tokens(model):  # a batch of two: other images, other prompt lengths
     return list(model.run(images, prompts, max_new_tokens=12))[-1].token_ids
 
+def devices_of(model):
+    return sorted({d.id for leaf in jax.tree.leaves(model.params) for d in leaf.devices()})
+
 report = {"devices": jax.device_count(), "one": tokens(paligemma.load(folder))}
-tok = Tokenizer(folder + "/tokenizer.model")
-for n in (2, 4):
-    params, cfg = checkpoint.load_params(folder + "/model.npz", mesh=sharding.make_mesh(jax.devices()[:n]))
-    q = params["llm"]["layers"]["attn"]["q_einsum"]["w"]
-    mlp = params["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
-    report[str(n)] = {"tokens": tokens(paligemma.Model(params, cfg, tok)),
+last = paligemma.load(folder, devices=[jax.devices()[3]])
+report["last"] = {"tokens": tokens(last), "devices": devices_of(last), "name": last.device}
+for n, where in ((2, jax.devices()[:2]), (4, sharding.make_mesh())):  # a device list, or a mesh
+    model = paligemma.load(folder, devices=where)
+    q = model.params["llm"]["layers"]["attn"]["q_einsum"]["w"]
+    mlp = model.params["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    report[str(n)] = {"tokens": tokens(model), "devices": devices_of(model), "name": model.device,
                       "q_heads_per_device": [s.data.shape[1] for s in q.addressable_shards],
                       "image_mlp_per_device": [s.data.shape[2] for s in mlp.addressable_shards]}
 print(json.dumps(report))
 """
 
 
-def test_split_over_2_and_4_devices_gives_one_device_tokens(tiny_model_dir):
+def test_load_on_one_other_device_or_split_over_2_and_4_gives_one_device_tokens(tiny_model_dir):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu", "PALIGEMMA_COMPILE_CACHE": "off"}
     out = subprocess.run([sys.executable, "-c", _SPLIT, str(tiny_model_dir)], env=env, check=True,
@@ -52,11 +55,24 @@ def test_split_over_2_and_4_devices_gives_one_device_tokens(tiny_model_dir):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
     assert all(len(row) >= 6 for row in report["one"]), "random weights should not stop almost at once"
+    assert report["last"] == {"tokens": report["one"], "devices": [3], "name": "cpu"}
     for n in ("2", "4"):
         assert report[n]["tokens"] == report["one"], n
+        assert report[n]["devices"] == list(range(int(n))) and report[n]["name"] == f"cpu ×{n}"
     assert report["2"]["q_heads_per_device"] == [2, 2]  # 4 query heads, 64-wide image MLP
     assert report["4"]["q_heads_per_device"] == [1, 1, 1, 1]
     assert report["4"]["image_mlp_per_device"] == [16] * 4
+
+
+@pytest.mark.parametrize("devices, match", [
+    ([], "at least one device"), ("cpu", "list of jax devices"), ([0, 1], "list of jax devices"),
+    (jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)), "one axis 'model'"),
+])
+def test_bad_devices_say_what_is_accepted(tiny_model_dir, devices, match):
+    import paligemma
+
+    with pytest.raises(ValueError, match=match):
+        paligemma.load(str(tiny_model_dir), devices=devices)
 
 
 def test_heads_and_mlp_split_the_rest_replicated():

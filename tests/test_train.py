@@ -62,3 +62,39 @@ def jax_copy(tree):
     import jax
 
     return jax.tree.map(np.array, tree)
+
+
+def test_soft_loc_targets_reward_near_misses(monkeypatch):
+    """With loc_sigma, a box edge predicted 2 bins off costs less than one 300 bins off; plain CE can't tell."""
+    vocab, first = 1100, 40
+    target = first + 500
+    batch = {"tokens": np.array([[2, 7, target, 1]], np.int32), "prefix_len": np.array([2], np.int32),
+             "seq_len": np.array([4], np.int32), "images": None}
+
+    def forward_predicting(bin_):
+        logits = np.zeros((1, 4, vocab), np.float32)
+        logits[0, 1, first + bin_] = 8.0  # position 1 predicts the loc token
+        logits[0, 2, 1] = 8.0  # position 2 predicts EOS
+        return lambda *args: logits
+
+    losses = {}
+    for loc in (None, train.LocTargets(first, sigma=3.0)):
+        for bin_ in (502, 800):
+            monkeypatch.setattr(train, "forward", forward_predicting(bin_))
+            losses[loc is not None, bin_] = float(train.suffix_loss(None, None, batch, loc))
+    assert abs(losses[False, 502] - losses[False, 800]) < 1e-5
+    assert losses[True, 502] < losses[True, 800] - 0.2
+
+
+def test_structured_init_makes_nearby_bins_alike(tokenizer_path):
+    from paligemma.params import init_params
+    from paligemma.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    cfg = train.tiny_config(tokenizer.vocab_size)
+    params = train.structured_init(init_params(cfg, 0), cfg, tokenizer)
+    rows = np.asarray(params["llm"]["embedder"]["input_embedding"])[tokenizer.loc_ids]
+    similarity = rows @ rows[500] / np.linalg.norm(rows, axis=1) / np.linalg.norm(rows[500])
+    assert similarity[501] > 0.9 and similarity[500 + 200] < 0.5
+    pos = np.asarray(params["img"]["pos_embedding"])[0]
+    assert np.linalg.norm(pos[0] - pos[1]) < np.linalg.norm(pos[0] - pos[-1])

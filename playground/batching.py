@@ -1,0 +1,125 @@
+"""Requests for the same model and decoding settings, run together as one batch on the accelerator.
+
+The decode loop costs about the same for a few rows as for one (it reads every weight once per token
+either way), so requests that arrive while the model is busy, or within a few milliseconds of each other,
+share one `Model.run` call. Each request still streams its own text and gets its own final result.
+
+One worker thread runs one batch at a time for every model of the server, as the single-run queue did
+before: models never compete for the accelerator. Only greedy requests are batched: a sampled row's
+random draws depend on its batch, so a sampled request runs alone and stays reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import paligemma
+from paligemma.samplers import Sampler, parse_sampler
+
+MAX_BATCH = 8  # one of the generator's batch buckets: larger batches would compile another shape
+GATHER_S = 0.005  # how long a request that finds the model idle waits for others to join it
+_DONE = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One request's text so far, and the timing of the batch it runs in."""
+
+    text: str
+    timing: dict  # Timing.as_dict() of the whole batch, plus batch_size and batch_wait_s
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    model: paligemma.Model
+    image: object
+    prompt: str
+    max_new_tokens: int
+    sampler: Sampler
+    group: object  # jobs with equal groups may share a batch
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    updates: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    abandoned: bool = False  # its reader stopped listening
+
+
+class Batcher:
+    def __init__(self, seed: int = 0, chunk: int | None = None, max_batch: int = MAX_BATCH,
+                 gather_s: float = GATHER_S):
+        """seed and chunk: passed to every `Model.run` (chunk: stream every this many tokens)."""
+        self.seed, self.chunk, self.max_batch, self.gather_s = seed, chunk, max_batch, gather_s
+        self._pending: list[_Job] = []
+        self._changed = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    def submit(self, model: paligemma.Model, image, prompt: str, max_new_tokens: int,
+               sampler: str | Sampler = "greedy") -> Iterator[Update]:
+        """Queues one request; iterate the result for its updates. A request the model would refuse (a prompt
+        too long) raises here, before it can join a batch and fail the others; a failure of the batch's
+        run is raised to each of its members."""
+        model.encode_prompt(prompt)
+        sampler = parse_sampler(sampler)
+        group = (model, sampler, max_new_tokens) if sampler.kind == "greedy" else object()
+        job = _Job(model, image, prompt, max_new_tokens, sampler, group)
+        with self._changed:
+            self._pending.append(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
+                self._worker.start()
+            self._changed.notify()
+        return self._updates(job)
+
+    @staticmethod
+    def _updates(job: _Job) -> Iterator[Update]:
+        try:
+            while (item := job.updates.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            job.abandoned = True
+
+    def _work(self) -> None:
+        while True:
+            self._run(self._next_batch())  # no batch stays referenced between runs: unloaded models can go
+
+    def _next_batch(self) -> list[_Job]:
+        """The oldest request and up to max_batch - 1 more of its group, once the batch is full or the
+        oldest has waited gather_s (at once when it arrived while the model was busy)."""
+        with self._changed:
+            while not self._pending:
+                self._changed.wait()
+            oldest = self._pending[0]
+            while (len(self._members(oldest.group)) < self.max_batch
+                   and (left := oldest.submitted + self.gather_s - time.monotonic()) > 0):
+                self._changed.wait(left)
+            batch = self._members(oldest.group)
+            self._pending = [job for job in self._pending if job not in batch]
+        return batch
+
+    def _members(self, group) -> list[_Job]:
+        return [job for job in self._pending if job.group == group][: self.max_batch]
+
+    def _run(self, batch: list[_Job]) -> None:
+        started = time.monotonic()
+        first = batch[0]
+        outcome = _DONE
+        try:
+            run = first.model.run([job.image for job in batch], [job.prompt for job in batch], first.max_new_tokens,
+                                  first.sampler, self.seed, chunk=self.chunk)
+            with contextlib.closing(run) as results:
+                for result in results:
+                    timing = {**result.timing.as_dict(), "batch_size": len(batch)}
+                    for job, text in zip(batch, result.texts):
+                        job.updates.put(Update(text, {**timing, "batch_wait_s": round(started - job.submitted, 4)}))
+                    if all(job.abandoned for job in batch):
+                        break  # nobody is listening: free the accelerator
+        except Exception as err:  # every member hears of it (and logs it); the worker goes on with the next batch
+            outcome = err
+        finally:
+            for job in batch:
+                job.updates.put(outcome)

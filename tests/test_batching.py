@@ -1,0 +1,168 @@
+"""Request batching: concurrent requests share one generate call, each gets its own text, failures reach all.
+
+The batcher alone (over the tiny random model, or a stand-in model that records its calls), then four
+gradio_client clients at once through the app over the taught model of app_fixtures.
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from app_fixtures import (
+    EXAMPLES_DIR,
+    TAUGHT,
+    app_in_thread,
+    detect_example,
+    taught_answers,
+    taught_model_dir_fixture,  # noqa: F401 (a fixture)
+    write_registry,
+)
+from gradio_client import Client, handle_file
+from PIL import Image
+
+import paligemma
+from paligemma.generate import Timing
+from playground import prompts
+from playground.batching import Batcher
+
+MAX_NEW = 10
+LONG_S = 30.0  # a gathering window the tests never wait out: batches fill up first
+
+
+def _requests():
+    """Four different images and prompts (prompts of different lengths)."""
+    chosen = ["caption en", "detect red circle", "answer en how many shapes are there?", "segment blue square"]
+    images = [Image.open(ex.image).convert("RGB") for ex in prompts.load_examples(EXAMPLES_DIR)[:len(chosen)]]
+    return list(zip(images, chosen))
+
+
+def _final_text(updates):
+    return list(updates)[-1].text
+
+
+def test_concurrent_requests_share_one_run_and_get_what_they_would_alone(tiny_model, monkeypatch):
+    requests = _requests()
+    alone = [tiny_model.generate(image, prompt, max_new_tokens=MAX_NEW) for image, prompt in requests]
+    calls, real_run = [], tiny_model.run
+
+    def counted_run(images, *args, **kwargs):
+        calls.append(len(images))
+        return real_run(images, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "run", counted_run)
+    batcher = Batcher(chunk=3, max_batch=len(requests), gather_s=LONG_S)
+
+    def submit_and_read(request):
+        updates = list(batcher.submit(tiny_model, *request, MAX_NEW))
+        return [u.text for u in updates], updates[-1].timing
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        outcomes = list(pool.map(submit_and_read, requests))
+
+    assert calls == [len(requests)]
+    assert [texts[-1] for texts, _ in outcomes] == alone
+    assert all(len(texts) > 1 for texts, _ in outcomes)  # each streamed its own text as it grew
+    assert all(timing["batch_size"] == len(requests) and timing["batch_wait_s"] >= 0 for _, timing in outcomes)
+
+
+def test_a_request_the_model_refuses_fails_alone(tiny_model):
+    image, prompt = _requests()[1]
+    batcher = Batcher(max_batch=2, gather_s=LONG_S)
+    with pytest.raises(ValueError, match="prompt is .* tokens long"):
+        batcher.submit(tiny_model, image, "detect " + "red circle ; " * 200, MAX_NEW)
+    good = batcher.submit(tiny_model, image, prompt, MAX_NEW)
+    companion = batcher.submit(tiny_model, image, prompt, MAX_NEW)  # fills the batch the refused one never joined
+    assert _final_text(good) == _final_text(companion) == tiny_model.generate(image, prompt, max_new_tokens=MAX_NEW)
+
+
+class RecordingModel:
+    """A stand-in for paligemma.Model: answers each prompt with itself + '!', records every run's
+    (prompts, max_new_tokens, sampler), and can hold its first run open or fail."""
+
+    def __init__(self, fail_after_first: bool = False):
+        self.runs = []
+        self.first_started, self.release = threading.Event(), threading.Event()
+        self.release.set()
+        self.fail_after_first = fail_after_first
+
+    def encode_prompt(self, prompt):
+        return [1, 2]
+
+    def run(self, images, prompts, max_new_tokens, sampler, seed, chunk=None):
+        self.runs.append((list(prompts), max_new_tokens, str(sampler)))
+        self.first_started.set()
+        self.release.wait()
+        yield paligemma.Result([p + "!" for p in prompts], [[1]] * len(prompts), Timing(new_tokens=1))
+        if self.fail_after_first:
+            raise ValueError("the cache is full")
+
+
+def test_the_cap_holds_and_only_requests_with_the_same_settings_share_a_batch():
+    model = RecordingModel()
+    model.release.clear()
+    batcher = Batcher(max_batch=2, gather_s=0)
+    streams = [batcher.submit(model, None, "a", 16)]
+    model.first_started.wait()  # "a" runs alone and holds the model while the rest arrive
+    later = [("b", 16, "greedy"), ("c", 32, "greedy"), ("d", 16, "greedy"), ("e", 16, "greedy"),
+             ("f", 16, "greedy"), ("g", 16, "temperature(0.5)"), ("h", 16, "temperature(0.5)")]
+    streams += [batcher.submit(model, None, p, n, sampler) for p, n, sampler in later]
+    model.release.set()
+
+    assert [_final_text(s) for s in streams] == [p + "!" for p in "abcdefgh"]
+    assert [(run_prompts, n) for run_prompts, n, _ in model.runs] == [
+        (["a"], 16), (["b", "d"], 16), (["c"], 32), (["e", "f"], 16), (["g"], 16), (["h"], 16)]
+    assert model.runs[-1][2] == "temperature(0.5)"  # sampled requests run alone, so they stay reproducible
+
+
+def test_a_failing_run_reports_the_error_to_every_member_and_the_next_batch_runs():
+    model = RecordingModel(fail_after_first=True)
+    batcher = Batcher(max_batch=3, gather_s=LONG_S)
+    streams = [batcher.submit(model, None, prompt, 16) for prompt in "xyz"]
+    for prompt, stream in zip("xyz", streams):
+        assert next(stream).text == prompt + "!"
+        with pytest.raises(ValueError, match="the cache is full"):
+            next(stream)
+    assert len(model.runs) == 1
+
+    healthy = RecordingModel()
+    assert [_final_text(s) for s in [batcher.submit(healthy, None, p, 16) for p in "uvw"]] == ["u!", "v!", "w!"]
+
+
+def test_a_batch_nobody_listens_to_stops():
+    listener_gone, produced = threading.Event(), []
+
+    class EndlessModel(RecordingModel):
+        def run(self, images, prompts, *args, **kwargs):
+            for n in range(1000):
+                produced.append(n)
+                yield paligemma.Result(["more"], [[1]], Timing(new_tokens=n + 1))
+                listener_gone.wait()
+
+    batcher = Batcher(max_batch=1)
+    stream = batcher.submit(EndlessModel(), None, "a", 16)
+    next(stream)
+    stream.close()
+    listener_gone.set()
+    assert _final_text(batcher.submit(RecordingModel(), None, "b", 16)) == "b!"  # runs once the endless one stopped
+    assert len(produced) <= 2  # the result in hand when the listener left, and at most the one being made
+
+
+# ---------------------------------------------------------------- through the app
+
+
+@pytest.fixture(scope="module")
+def url(taught_model_dir, tmp_path_factory):
+    with app_in_thread(write_registry(tmp_path_factory.mktemp("batching_registry"), taught_model_dir)) as address:
+        yield address
+
+
+def test_four_concurrent_clients_each_get_their_own_answer(url):
+    chosen = ["caption en", "detect red circle", "segment red circle", "detect red circle"]
+    clients = [Client(url, verbose=False) for _ in chosen]
+    jobs = [client.submit(handle_file(detect_example().image), prompt, TAUGHT, "greedy", 64, api_name="/run")
+            for client, prompt in zip(clients, chosen)]
+    outputs = [job.result() for job in jobs]
+    for prompt, (_, annotated, raw, detections, timing) in zip(chosen, outputs):
+        assert raw == taught_answers()[prompt]
+        assert (detections is None) == (prompt == "caption en")
+        assert 1 <= timing["batch_size"] <= len(chosen) and timing["tokens_per_s"] > 0
