@@ -236,7 +236,8 @@ def test_any_unicode_prompt_gets_a_result(client, prompt):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("", "Type a prompt"), (None, "Type a prompt"), (5, "the prompt must be text"), (["caption en"], "must be text"),
+    ("", "Type a prompt"), ("  \n\t ", "Type a prompt"), (None, "Type a prompt"), (5, "the prompt must be text"),
+    (["caption en"], "must be text"),
 ])
 def test_missing_or_non_text_prompts_are_refused(client, prompt, message):
     with pytest.raises(AppError, match=message):
