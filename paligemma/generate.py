@@ -140,12 +140,13 @@ def _layer_views(stacked) -> list[jax.Array] | None:
     """[L, ...] -> L arrays [...] aliasing the stacked array's buffer, or None where that cannot be done.
 
     XLA adopts 64-byte-aligned host memory without a copy (DLPack); on CPU a device buffer *is* host memory,
-    so each layer's row of it can be adopted as its own array (on the default device: DLPack puts it there). The views do not own the memory: the stacked
-    array must outlive them (the Generator holds both) and must not be donated (see _check_alive).
+    so each layer's row of it can be adopted as its own array (on the default device: DLPack puts it there).
+    The views do not own the memory: the stacked array must outlive them (the Generator holds both) and must
+    not be donated (see _check_alive).
     """
     if not isinstance(stacked, jax.Array) or stacked.ndim < 2 or jax.default_backend() != "cpu":
         return None
-    if stacked.devices() != {jax.devices()[0]} or np.dtype(stacked.dtype).kind not in "fiu":  # bfloat16 has no DLPack code
+    if stacked.devices() != {jax.devices()[0]} or np.dtype(stacked.dtype).kind not in "fiu":  # no bfloat16 DLPack
         return None
     address, row_bytes = stacked.unsafe_buffer_pointer(), stacked.nbytes // stacked.shape[0]
     if address % checkpoint.ALIGNMENT or row_bytes % checkpoint.ALIGNMENT:

@@ -79,6 +79,17 @@ def read_jsonl(path: str) -> list[Example]:
     return examples
 
 
+def stored_image(image, size: int) -> np.ndarray:
+    """The model's input (preprocess: RGB, resized) kept as uint8 [size, size, 3]: a quarter of the memory of
+    float32, so that a whole dataset's images fit in memory."""
+    return ((preprocess(image, size) + 1.0) * 127.5).round().astype(np.uint8)
+
+
+def model_input(stored):
+    """uint8 [..., 3] from stored_image (numpy or jax) -> float32 in [-1, 1], as preprocess gives."""
+    return stored.astype(np.float32) / 127.5 - 1.0
+
+
 class Batches:
     """Tokenised examples with their images decoded once into memory, served as padded batches."""
 
@@ -88,7 +99,7 @@ class Batches:
         for ex in examples:
             if ex.image not in cache:
                 with Image.open(os.path.join(folder, ex.image)) as im:
-                    cache[ex.image] = ((preprocess(im, image_size) + 1.0) * 127.5).round().astype(np.uint8)
+                    cache[ex.image] = stored_image(im, image_size)
             self.images.append(cache[ex.image])
             self.prefixes.append(tokenizer.encode_prompt(ex.prefix))
             self.suffixes.append([*tokenizer.encode(ex.suffix), tokenizer.eos_id])
@@ -106,7 +117,7 @@ class Batches:
         for row, i in enumerate(indices):
             ids = self.prefixes[i] + self.suffixes[i]
             tokens[row, : len(ids)] = ids
-        images = np.stack([self.images[i] for i in indices]).astype(np.float32) / 127.5 - 1.0
+        images = model_input(np.stack([self.images[i] for i in indices]))
         return {"images": images, "tokens": tokens,
                 "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
                 "seq_len": np.asarray(lengths, np.int32)}

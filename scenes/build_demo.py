@@ -5,8 +5,10 @@ training -> assets/demo.
 
 Expects the mask VQ-VAE in --out already (`python -m scenes.vqvae_train --out assets/demo`), since the
 segment targets are its codes. A tokenizer already in --out is kept, so a rebuild keeps the vocabulary.
-The image encoder is first pretrained on dense patch targets (scenes/vision_pretrain.py: without it the
-model never learns where objects are), then frozen while the decoder learns the prompts.
+The image encoder is first pretrained on dense patch targets (scenes/vision_pretrain.py; trained from prompts
+alone, the model never learned where objects are), then frozen while the decoder learns the prompts. This
+pipeline has not yet produced a model that localises either (issue 5): the shipped one came from commit
+89691a0's version of this file.
 Every step is seeded, so the same command rebuilds the same model.
 """
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from paligemma.siglip import encode_images
 from paligemma.tokenizer import Tokenizer
-from paligemma.train import CONFIGS, fresh_params, save_checkpoint
+from paligemma.train import CONFIGS, fresh_params, model_input, save_checkpoint, stored_image
 from scenes.generate import COLOURS, KINDS, Scene, scene_for
 
 LABELS = [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]  # class 0 is the background
@@ -53,8 +53,7 @@ def make_scenes(seed: int, count: int, grid: int, image_size: int) -> dict[str, 
     """`count` scenes of the series `seed` at the encoder's resolution, with their patch targets."""
     scenes = [scene_for(seed, i) for i in range(count)]
     targets = [patch_targets(s, grid) for s in scenes]  # fractions of the side: the same at any resolution
-    return {"images": np.stack([np.asarray(Image.fromarray(s.image).resize((image_size, image_size), Image.BILINEAR))
-                                for s in scenes]),
+    return {"images": np.stack([stored_image(Image.fromarray(s.image), image_size) for s in scenes]),
             "classes": np.stack([c for c, _ in targets]), "boxes": np.stack([b for _, b in targets])}
 
 
@@ -66,17 +65,17 @@ def readout_init(width: int, seed: int) -> dict[str, jax.Array]:
 
 def dense_loss(trainable, vision_cfg, batch):
     """Cross-entropy of the patch classes plus the L1 error of the boxes on object patches."""
-    images = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+    images = model_input(batch["images"])
     features = encode_images(trainable["img"], vision_cfg, images)  # [B, P, D]
     out = features @ trainable["readout"]["kernel"] + trainable["readout"]["bias"]  # [B, P, classes + 4]
     logits, boxes = out[..., : 1 + len(LABELS)], out[..., 1 + len(LABELS):]
     class_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["classes"]).mean()
     on_object = (batch["classes"] > 0).astype(jnp.float32)
-    box_error = jnp.abs(boxes - batch["boxes"]).sum(-1)
-    box_loss = jnp.sum(box_error * on_object) / jnp.maximum(on_object.sum(), 1.0)
+    object_patches = jnp.maximum(on_object.sum(), 1.0)
+    box_loss = jnp.sum(jnp.abs(boxes - batch["boxes"]).sum(-1) * on_object) / object_patches
     correct = (logits.argmax(-1) == batch["classes"]).astype(jnp.float32)
     loss = class_loss + BOX_WEIGHT * box_loss
-    figures = {"loss": loss, "class_accuracy_on_objects": jnp.sum(correct * on_object) / jnp.maximum(on_object.sum(), 1.0),
+    figures = {"loss": loss, "class_accuracy_on_objects": jnp.sum(correct * on_object) / object_patches,
                "box_error_px": box_loss / 4 * images.shape[1]}
     return loss, figures
 
