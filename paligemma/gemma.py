@@ -85,7 +85,7 @@ def _batched_dot(a, b, contract_a: int, contract_b: int):
 
 
 def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache):
-    """x [B, T, D] -> ([B, T, D], (k, v) of the new tokens, each [B, K, T, H])."""
+    """x [B, T, D] -> ([B, T, D], (k, v) of the new tokens, each [B, K, T, H], weights [B, N, T, S] float32)."""
     b, t, d = x.shape
     k_heads, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     q = apply_rope(_grouped_project(x, p["q_einsum"]["w"]), positions) * jnp.asarray(cfg.query_scale, x.dtype)
@@ -101,8 +101,8 @@ def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache)
     parts = [scores(k, mask_new)]
     if cache_kv is not None:
         parts.insert(0, scores(cache_kv[0], mask_cache))
-    weights = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
-    weights = weights.reshape(b, k_heads, groups * t, weights.shape[-1])
+    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)  # [B, K, G, T, S]
+    weights = probs.astype(v.dtype).reshape(b, k_heads, groups * t, probs.shape[-1])
     if cache_kv is None:
         ctx = _batched_dot(weights, v, 3, 2)  # [B, K, G·T, H]
     else:
@@ -110,7 +110,7 @@ def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache)
         ctx = _batched_dot(weights[..., :s_cache], cache_kv[1], 3, 2) + _batched_dot(weights[..., s_cache:], v, 3, 2)
     ctx = ctx.reshape(b, k_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, cfg.num_heads * h)
     out = ctx @ p["attn_vec_einsum"]["w"].reshape(cfg.num_heads * h, d)  # [N, H, D] read as [N·H, D]
-    return out.reshape(b, t, d), (k, v)
+    return out.reshape(b, t, d), (k, v), probs.reshape(b, cfg.num_heads, t, probs.shape[-1])
 
 
 def _mlp(p, x):
@@ -125,36 +125,43 @@ def _mlp(p, x):
 
 def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache):
     h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.eps)
-    h, new_kv = _attention(cfg, p["attn"], h, positions, mask_new, cache_kv, mask_cache)
+    h, new_kv, weights = _attention(cfg, p["attn"], h, positions, mask_new, cache_kv, mask_cache)
     if cfg.post_norms:
         h = rms_norm(h, p["post_attention_norm"]["scale"], cfg.eps)
     x = x + h
     h = _mlp(p["mlp"], rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.eps))
     if cfg.post_norms:
         h = rms_norm(h, p["post_ffw_norm"]["scale"], cfg.eps)
-    return x + h, new_kv
+    return x + h, new_kv, weights
 
 
-def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None):
+def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None,
+               with_attention: bool = False):
     """All decoder layers over x [B, T, D].
 
     mask_new bool[B, T, T] says which new tokens each query sees; with a cache mask_cache bool[B, T, S] says
     which cached positions it sees. Returns (hidden [B, T, D] after the final norm, the new tokens' keys and
-    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H]).
+    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H]), and with
+    with_attention the attention weights of every layer and head, float32 [L, B, N, T, S] (for training).
     """
     layers = params["layers"]
     if isinstance(layers, list | tuple):
-        new_kv = []
+        new_kv, weights = [], []
         for i, layer_params in enumerate(layers):
-            x, kv = _block(cfg, x, layer_params, positions, mask_new, None if cache is None else cache[i], mask_cache)
+            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, None if cache is None else cache[i],
+                              mask_cache)
             new_kv.append(kv)
+            weights.append(w)
+        weights = jnp.stack(weights) if with_attention else None
     else:
         def body(x, layer):
             layer_params, layer_cache = layer
-            return _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache)
+            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache)
+            return x, (kv, w if with_attention else None)
 
-        x, new_kv = jax.lax.scan(body, x, (layers, cache))
-    return rms_norm(x, params["final_norm"]["scale"], cfg.eps), new_kv
+        x, (new_kv, weights) = jax.lax.scan(body, x, (layers, cache))
+    hidden = rms_norm(x, params["final_norm"]["scale"], cfg.eps)
+    return (hidden, new_kv, weights) if with_attention else (hidden, new_kv)
 
 
 def map_cache(fn, cache):

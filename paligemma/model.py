@@ -30,15 +30,19 @@ def embed_sequence(params, cfg: PaliGemmaConfig, images, tokens):
     return jnp.concatenate([image_tokens.astype(text.dtype), text], axis=1)
 
 
-def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len):
+def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len, with_attention: bool = False):
     """Logits float32[B, T, V] at the text positions; used by training and the parity tests.
 
     prefix_len / seq_len: int[B] text tokens in the prefix / in prefix + suffix (the rest is padding).
+    with_attention: also return where each text position looks, float32 [L, B, N, T, P + T] (every layer and
+    head; keys are the whole sequence, image tokens first).
     """
     x = embed_sequence(params, cfg, images, tokens)
     n = cfg.num_image_tokens
     length = x.shape[1]
     mask = prefix_lm_mask(n + prefix_len, n + seq_len, length)
     positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2])
-    hidden, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask)
-    return gemma.logits_from_hidden(params["llm"], cfg.text, hidden[:, n:])
+    hidden, _, *attention = gemma.run_layers(params["llm"], cfg.text, x, positions, mask,
+                                             with_attention=with_attention)
+    logits = gemma.logits_from_hidden(params["llm"], cfg.text, hidden[:, n:])
+    return (logits, attention[0][:, :, :, n:]) if with_attention else logits

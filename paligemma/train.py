@@ -35,11 +35,13 @@ TEXT_BUCKETS = (32, 48, 64, 96, 128)
 
 
 def demo_config(vocab_size: int) -> PaliGemmaConfig:
-    """The embedded demo model: a small SigLIP (224px, 28px patches -> 64 image tokens) + Gemma, ~6 M params,
-    sized to train on a 2-core CPU in under an hour."""
+    """The embedded demo model: a small SigLIP (224px, 28px patches -> 64 image tokens) + Gemma, ~7 M params,
+    sized to train on a 2-core CPU in under an hour. Every query head has its own key/value head: with one
+    shared 64-wide value per layer (Gemma 2B's multi-query layout), too little of each image token reaches the
+    text positions to carry four box edges."""
     return PaliGemmaConfig(
         vision=VisionConfig(width=192, depth=4, mlp_dim=768, num_heads=4, patch_size=28, image_size=224),
-        text=TextConfig(vocab_size=vocab_size, width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=1,
+        text=TextConfig(vocab_size=vocab_size, width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=4,
                         head_dim=64, query_scale=64**-0.5),
     )
 
@@ -91,18 +93,25 @@ def model_input(stored):
 
 
 class Batches:
-    """Tokenised examples with their images decoded once into memory, served as padded batches."""
+    """Tokenised examples with their images decoded once into memory, served as padded batches.
 
-    def __init__(self, folder: str, examples: list[Example], tokenizer: Tokenizer, image_size: int):
+    Each batch also carries `grounding` float32 [B, T, P]: at the position before each loc or seg token of an
+    object, the image patches whose centres lie inside that object's box (1) or not (0); rows of other
+    positions are zero. It is the target of the optional grounding loss (see suffix_loss).
+    """
+
+    def __init__(self, folder: str, examples: list[Example], tokenizer: Tokenizer, cfg: PaliGemmaConfig):
         cache: dict[str, np.ndarray] = {}
-        self.images, self.prefixes, self.suffixes = [], [], []
+        self.images, self.prefixes, self.suffixes, self.boxes = [], [], [], []
+        self.grid = cfg.vision.image_size // cfg.vision.patch_size
         for ex in examples:
             if ex.image not in cache:
                 with Image.open(os.path.join(folder, ex.image)) as im:
-                    cache[ex.image] = stored_image(im, image_size)
+                    cache[ex.image] = stored_image(im, cfg.image_size)
             self.images.append(cache[ex.image])
             self.prefixes.append(tokenizer.encode_prompt(ex.prefix))
             self.suffixes.append([*tokenizer.encode(ex.suffix), tokenizer.eos_id])
+            self.boxes.append(object_tokens(self.suffixes[-1], tokenizer))
         longest = max(len(p) + len(s) for p, s in zip(self.prefixes, self.suffixes))
         if longest > TEXT_BUCKETS[-1]:
             raise ValueError(f"an example is {longest} tokens long; at most {TEXT_BUCKETS[-1]} are supported")
@@ -114,13 +123,48 @@ class Batches:
         lengths = [len(self.prefixes[i]) + len(self.suffixes[i]) for i in indices]
         width = next(b for b in TEXT_BUCKETS if b >= max(lengths))
         tokens = np.zeros((len(indices), width), np.int32)
+        grounding = np.zeros((len(indices), width, self.grid * self.grid), np.float32)
         for row, i in enumerate(indices):
             ids = self.prefixes[i] + self.suffixes[i]
             tokens[row, : len(ids)] = ids
+            for index, box in self.boxes[i]:
+                grounding[row, len(self.prefixes[i]) + index - 1] = patches_inside(box, self.grid)
         images = model_input(np.stack([self.images[i] for i in indices]))
-        return {"images": images, "tokens": tokens,
+        return {"images": images, "tokens": tokens, "grounding": grounding,
                 "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
                 "seq_len": np.asarray(lengths, np.int32)}
+
+
+def object_tokens(suffix: list[int], tokenizer: Tokenizer) -> list[tuple[int, tuple[int, ...]]]:
+    """(index in suffix, box in bins y1 x1 y2 x2) for each loc and seg token of an object; a box is four loc
+    tokens in a row and owns the seg tokens after it."""
+    if tokenizer.loc_ids is None:
+        return []
+    first_loc, segs = tokenizer.loc_ids[0], set(tokenizer.seg_ids or ())
+    is_loc = [0 <= t - first_loc < NUM_LOC for t in suffix]
+    found, box, i = [], None, 0
+    while i < len(suffix):
+        if i + 4 <= len(suffix) and all(is_loc[i: i + 4]):
+            box = tuple(t - first_loc for t in suffix[i: i + 4])
+            found += [(i + k, box) for k in range(4)]
+            i += 4
+            continue
+        if box is not None and suffix[i] in segs:
+            found.append((i, box))
+        i += 1
+    return found
+
+
+def patches_inside(box: tuple[int, ...], grid: int) -> np.ndarray:
+    """float32 [grid*grid], row-major: 1 where the patch centre lies in the box (bins), else 0; the patch
+    under the box centre when no centre does (a box thinner than a patch)."""
+    y1, x1, y2, x2 = box
+    centres = (np.arange(grid) + 0.5) * NUM_LOC / grid
+    inside = ((centres >= y1) & (centres < y2))[:, None] & ((centres >= x1) & (centres < x2))[None, :]
+    if not inside.any():
+        row, col = (min(int((a + b) / 2 * grid / NUM_LOC), grid - 1) for a, b in ((y1, y2), (x1, x2)))
+        inside[row, col] = True
+    return inside.reshape(-1).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +188,22 @@ def loc_targets_of(tokenizer: Tokenizer, sigma: float) -> LocTargets | None:
     return LocTargets(ids[0], sigma)
 
 
-def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = None):
-    """Mean cross-entropy of the suffix tokens (and EOS), each predicted from the position before it."""
-    logits = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"])
+def soft_loc_targets(bins, sigma: float):
+    """int [...] bins -> float [..., 1024]: a Gaussian of `sigma` bins around each bin, summing to 1."""
+    return jax.nn.softmax(-0.5 * jnp.square((jnp.arange(NUM_LOC) - bins[..., None]) / sigma))
+
+
+def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = None, grounding: float = 0.0):
+    """Mean cross-entropy of the suffix tokens (and EOS), each predicted from the position before it.
+
+    With grounding > 0, plus that weight times grounding_loss: a small model learns where an object is from
+    four loc tokens per example far too slowly; telling it where to look is a dense signal.
+    """
+    if grounding:
+        logits, attention = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"],
+                                    batch["seq_len"], with_attention=True)
+    else:
+        logits = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"])
     targets = batch["tokens"][:, 1:]
     position = jnp.arange(1, batch["tokens"].shape[1])[None]
     weights = (position >= batch["prefix_len"][:, None]) & (position < batch["seq_len"][:, None])
@@ -154,21 +211,45 @@ def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = No
     losses = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     if loc is not None:
         target_bin = targets - loc.first_id  # [B, T-1]
-        soft = jax.nn.softmax(-0.5 * jnp.square((jnp.arange(NUM_LOC) - target_bin[..., None]) / loc.sigma))
+        soft = soft_loc_targets(target_bin, loc.sigma)
         loc_log_probs = jax.lax.slice_in_dim(log_probs, loc.first_id, loc.first_id + NUM_LOC, axis=-1)
         is_loc = (target_bin >= 0) & (target_bin < NUM_LOC)
         losses = jnp.where(is_loc, -jnp.sum(soft * loc_log_probs, axis=-1), losses)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+    loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+    if grounding:
+        loss = loss + grounding * grounding_loss(attention, batch["grounding"], cfg.num_image_tokens)
+    return loss
 
 
-def sincos_codes(positions: np.ndarray, width: int, longest: float) -> np.ndarray:
+def grounding_loss(attention, targets, num_image_tokens: int):
+    """-log of the attention that head 0 of each layer after the first pays to the target patches, averaged
+    over the positions that have targets. The first layer is left free to gather the prompt's words.
+
+    attention [L, B, N, T, S] (forward's); targets [B, T, P] (Batches' grounding).
+    """
+    looks = attention[1:, :, 0, :, :num_image_tokens]  # [L-1, B, T, P]
+    on_target = jnp.sum(looks * targets[None], axis=-1)  # [L-1, B, T]
+    supervised = (targets.sum(-1) > 0).astype(jnp.float32)  # [B, T]
+    total = jnp.maximum(supervised.sum() * looks.shape[0], 1.0)
+    return -jnp.sum(jnp.log(on_target + 1e-6) * supervised[None]) / total
+
+
+def sincos_codes(positions: np.ndarray, width: int, longest: float, shortest_period: float = 8.0) -> np.ndarray:
     """[N] positions -> [N, width] sines and cosines at geometric frequencies, unit RMS.
 
-    Dot products of two codes fall off smoothly with the distance between their positions.
+    Periods run from 2 * longest down to shortest_period. Dot products of two codes fall off smoothly with the
+    distance between their positions, over about a quarter of the shortest period.
     """
-    frequencies = np.pi / longest * np.geomspace(1.0, longest / 4.0, width // 2)
+    frequencies = np.pi / longest * np.geomspace(1.0, 2.0 * longest / shortest_period, width // 2)
     angles = positions[:, None] * frequencies[None]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def loc_codes(width: int) -> np.ndarray:
+    """[1024, width] codes of the location bins, smooth at the scale of a few pixels: the start of the `<locNNNN>`
+    embeddings (structured_init) and the read-out space of the encoder's box targets (scenes.vision_pretrain),
+    so that a box the encoder sees maps linearly onto the token that writes it."""
+    return sincos_codes(np.arange(NUM_LOC, dtype=np.float32), width, NUM_LOC, shortest_period=32.0)
 
 
 def structured_init(params, cfg: PaliGemmaConfig, tokenizer: Tokenizer, std: float = 0.02):
@@ -181,7 +262,7 @@ def structured_init(params, cfg: PaliGemmaConfig, tokenizer: Tokenizer, std: flo
     # patch embeddings of a random init have an RMS near 0.5 on these images; positions must not drown in them
     params["img"]["pos_embedding"] = jnp.asarray(position[None] * 0.5)
     if tokenizer.loc_ids is not None:
-        codes = sincos_codes(np.arange(NUM_LOC, dtype=np.float32), cfg.text.width, NUM_LOC)
+        codes = loc_codes(cfg.text.width)
         embedding = params["llm"]["embedder"]["input_embedding"]
         params["llm"]["embedder"]["input_embedding"] = embedding.at[np.asarray(tokenizer.loc_ids)].set(codes * std)
     return params
@@ -201,10 +282,10 @@ def make_optimizer(params, lr: float, steps: int, freeze_image_encoder: bool):
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
-def make_train_step(cfg: PaliGemmaConfig, optimizer, loc: LocTargets | None = None):
+def make_train_step(cfg: PaliGemmaConfig, optimizer, loc: LocTargets | None = None, grounding: float = 0.0):
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(suffix_loss)(params, cfg, batch, loc)
+        loss, grads = jax.value_and_grad(suffix_loss)(params, cfg, batch, loc, grounding)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
     return step
@@ -236,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-image-encoder", action="store_true")
     p.add_argument("--loc-sigma", type=float, default=0.0,
                    help="spread <locNNNN> targets as a Gaussian of this many bins (0: exact targets)")
+    p.add_argument("--grounding", type=float, default=0.0,
+                   help="weight of a loss that teaches one attention head per layer to look inside the box of the "
+                        "object whose loc/seg tokens come next (0: off)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -262,14 +346,14 @@ def train(args) -> dict:
         params = fresh_params(cfg, tokenizer, args.seed)
     loc = loc_targets_of(tokenizer, args.loc_sigma)
     train_examples = read_jsonl(os.path.join(args.data, "train.jsonl"))
-    train_data = Batches(args.data, train_examples, tokenizer, cfg.image_size)
+    train_data = Batches(args.data, train_examples, tokenizer, cfg)
     valid_path = os.path.join(args.data, "valid.jsonl")
     valid_examples = read_jsonl(valid_path) if os.path.isfile(valid_path) else []
-    valid_data = Batches(args.data, valid_examples, tokenizer, cfg.image_size) if valid_examples else None
+    valid_data = Batches(args.data, valid_examples, tokenizer, cfg) if valid_examples else None
 
     optimizer = make_optimizer(params, args.lr, args.steps, args.freeze_image_encoder)
     opt_state = optimizer.init(params)
-    step_fn = make_train_step(cfg, optimizer, loc)
+    step_fn = make_train_step(cfg, optimizer, loc, args.grounding)
     model = Model(params, cfg, tokenizer)
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(train_data))

@@ -5,10 +5,11 @@ training -> assets/demo.
 
 Expects the mask VQ-VAE in --out already (`python -m scenes.vqvae_train --out assets/demo`), since the
 segment targets are its codes. A tokenizer already in --out is kept, so a rebuild keeps the vocabulary.
-The image encoder is first pretrained on dense patch targets (scenes/vision_pretrain.py; trained from prompts
-alone, the model never learned where objects are), then frozen while the decoder learns the prompts. This
-pipeline has not yet produced a model that localises either (issue 5): the shipped one came from commit
-89691a0's version of this file.
+Trained from prompts alone, a model this small never learned where objects are. So the image encoder is first
+pretrained on dense patch targets (scenes/vision_pretrain.py: each patch's object and its box, read out in the
+code space of the loc tokens), then frozen while the decoder learns the prompts, with soft loc targets and
+the grounding loss (one attention head per layer taught to look at the object whose tokens it writes). The
+decoder trains in rounds of --steps, each a fresh warm-up and cosine decay (warm restarts) from the last.
 Every step is seeded, so the same command rebuilds the same model.
 """
 
@@ -31,6 +32,7 @@ DATA_SEED = 2  # evaluation uses other seeds: scenes the model never saw
 MIX = "detect=4,segment=2"
 POSITIVE_RATE = 0.8
 LOC_SIGMA = 4.0  # bins (1024 across the image): box targets spread over about ±1 px
+GROUNDING = 1.0
 
 
 def dataset_texts(folder: str) -> list[str]:
@@ -49,8 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="data/shapes_det")
     parser.add_argument("--num-scenes", type=int, default=6000)
     parser.add_argument("--work", default="runs/demo_encoder", help="where the pretrained encoder is kept")
-    parser.add_argument("--encoder-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--encoder-steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
@@ -69,12 +72,18 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(args.work, "model.npz")):
         vision_pretrain.main(["--out", args.work, "--tokenizer", tok.path, "--config", "demo",
                               "--steps", str(args.encoder_steps), "--seed", "0"])
-    return train.main([
-        "--data", args.data, "--out", args.out, "--init", args.work, "--tokenizer", tok.path,
-        "--freeze-image-encoder", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-        "--lr", str(args.lr), "--loc-sigma", str(LOC_SIGMA),
-        "--eval-every", str(max(args.steps // 6, 1)), "--save-every", "300", "--seed", "0",
-    ])
+    start = args.work
+    for round_ in range(args.rounds):
+        status = train.main([
+            "--data", args.data, "--out", args.out, "--init", start, "--tokenizer", tok.path,
+            "--freeze-image-encoder", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--loc-sigma", str(LOC_SIGMA), "--grounding", str(GROUNDING),
+            "--eval-every", str(max(args.steps // 4, 1)), "--save-every", "300", "--seed", str(round_),
+        ])
+        if status:
+            return status
+        start = args.out
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Trained from scratch on prompts alone, a PaliGemma this small learns counts and 
 but never where objects are: four loc tokens per detect prompt are too little signal for the encoder to
 learn positions. Here every image patch has targets of its own (which object, if any, covers its centre,
 and that object's box), so the encoder learns in minutes features from which labels and boxes are a linear
-read-out. The read-out is then dropped: the output is a whole PaliGemma checkpoint (a freshly initialised
-decoder) for `python -m paligemma.train --init DIR`.
+read-out. Box edges are read out as scores against `train.loc_codes`, the codes the decoder's `<locNNNN>`
+embeddings start from: a box in an image token is then a linear map away from the tokens that write it.
+The read-out is then dropped: the output is a whole PaliGemma checkpoint (a freshly initialised decoder)
+for `python -m paligemma.train --init DIR`.
 """
 
 from __future__ import annotations
@@ -24,60 +26,68 @@ from PIL import Image
 from tqdm import tqdm
 
 from paligemma.siglip import encode_images
-from paligemma.tokenizer import Tokenizer
-from paligemma.train import CONFIGS, fresh_params, model_input, save_checkpoint, stored_image
+from paligemma.tokenizer import NUM_LOC, Tokenizer
+from paligemma.train import (CONFIGS, fresh_params, loc_codes, model_input, save_checkpoint, soft_loc_targets,
+                             stored_image)
+from postprocess.parse import pixel_to_bin
 from scenes.generate import COLOURS, KINDS, Scene, scene_for
 
 LABELS = [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]  # class 0 is the background
-BOX_WEIGHT = 5.0  # box errors are fractions of the image side; this puts them on the scale of the class loss
+BOX_SIGMA = 4.0  # bins: the soft target of a box edge, as the decoder's --loc-sigma
 
 
 def patch_targets(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> classes int32[grid*grid] (0: background, else 1 + index in LABELS) and boxes float32[grid*grid, 4]
-    (y1, x1, y2, x2 as fractions of the side; zero on background) for patches in row-major order."""
+    """-> classes int32[grid*grid] (0: background, else 1 + index in LABELS) and boxes int32[grid*grid, 4]
+    (the location bins of y1, x1, y2, x2; zero on background) for patches in row-major order."""
     size = scene.image.shape[0]
     centres = (np.arange(grid) + 0.5) * size / grid
     classes = np.zeros((grid, grid), np.int32)
-    boxes = np.zeros((grid, grid, 4), np.float32)
+    boxes = np.zeros((grid, grid, 4), np.int32)
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
         rows = (centres >= y1) & (centres < y2)
         cols = (centres >= x1) & (centres < x2)
         inside = rows[:, None] & cols[None, :]
         classes[inside] = 1 + LABELS.index(obj.label)
-        boxes[inside] = np.asarray([y1, x1, y2, x2], np.float32) / size
+        boxes[inside] = [pixel_to_bin(edge, size) for edge in (y1, x1, y2, x2)]
     return classes.reshape(-1), boxes.reshape(-1, 4)
 
 
 def make_scenes(seed: int, count: int, grid: int, image_size: int) -> dict[str, np.ndarray]:
     """`count` scenes of the series `seed` at the encoder's resolution, with their patch targets."""
     scenes = [scene_for(seed, i) for i in range(count)]
-    targets = [patch_targets(s, grid) for s in scenes]  # fractions of the side: the same at any resolution
+    targets = [patch_targets(s, grid) for s in scenes]  # bins: the same at any resolution
     return {"images": np.stack([stored_image(Image.fromarray(s.image), image_size) for s in scenes]),
             "classes": np.stack([c for c, _ in targets]), "boxes": np.stack([b for _, b in targets])}
 
 
 def readout_init(width: int, seed: int) -> dict[str, jax.Array]:
+    """Class scores, and per box edge a map from the image token into the space of train.loc_codes."""
     rng = np.random.default_rng(seed)
-    return {"kernel": jnp.asarray(rng.normal(0, width ** -0.5, (width, 1 + len(LABELS) + 4)), jnp.float32),
-            "bias": jnp.zeros(1 + len(LABELS) + 4, jnp.float32)}
+    return {"kernel": jnp.asarray(rng.normal(0, width ** -0.5, (width, 1 + len(LABELS))), jnp.float32),
+            "bias": jnp.zeros(1 + len(LABELS), jnp.float32),
+            "edges": jnp.asarray(rng.normal(0, width ** -0.5, (4, width, width)), jnp.float32)}
 
 
 def dense_loss(trainable, vision_cfg, batch):
-    """Cross-entropy of the patch classes plus the L1 error of the boxes on object patches."""
+    """Cross-entropy of the patch classes plus, on object patches, that of the box edges' location bins."""
     images = model_input(batch["images"])
     features = encode_images(trainable["img"], vision_cfg, images)  # [B, P, D]
-    out = features @ trainable["readout"]["kernel"] + trainable["readout"]["bias"]  # [B, P, classes + 4]
-    logits, boxes = out[..., : 1 + len(LABELS)], out[..., 1 + len(LABELS):]
+    readout = trainable["readout"]
+    logits = features @ readout["kernel"] + readout["bias"]  # [B, P, classes]
+    codes = jnp.asarray(loc_codes(features.shape[-1]))  # [1024, D]
+    edge_logits = jnp.einsum("bpd,cde,ke->bpck", features, readout["edges"], codes)  # [B, P, 4 edges, 1024]
+    edge_loss = -jnp.sum(soft_loc_targets(batch["boxes"], BOX_SIGMA) * jax.nn.log_softmax(edge_logits), -1)
     class_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["classes"]).mean()
     on_object = (batch["classes"] > 0).astype(jnp.float32)
     object_patches = jnp.maximum(on_object.sum(), 1.0)
-    box_loss = jnp.sum(jnp.abs(boxes - batch["boxes"]).sum(-1) * on_object) / object_patches
+    box_loss = jnp.sum(edge_loss.mean(-1) * on_object) / object_patches
+    edge_error = jnp.abs(edge_logits.argmax(-1) - batch["boxes"]).mean(-1)  # bins
     correct = (logits.argmax(-1) == batch["classes"]).astype(jnp.float32)
-    loss = class_loss + BOX_WEIGHT * box_loss
-    figures = {"loss": loss, "class_accuracy_on_objects": jnp.sum(correct * on_object) / object_patches,
-               "box_error_px": box_loss / 4 * images.shape[1]}
-    return loss, figures
+    figures = {"loss": class_loss + box_loss,
+               "class_accuracy_on_objects": jnp.sum(correct * on_object) / object_patches,
+               "box_error_px": jnp.sum(edge_error * on_object) / object_patches / NUM_LOC * images.shape[1]}
+    return class_loss + box_loss, figures
 
 
 def pretrain(vision_cfg, img_params, data, valid, steps: int, batch_size: int, lr: float, seed: int):

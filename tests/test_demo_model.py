@@ -10,7 +10,7 @@ import postprocess
 from scenes.evaluate import TARGETS, evaluate_model, missed_targets
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
-EVAL_SEED = 20261123  # training used seed 1; these scenes are new to the model
+EVAL_SEED = 20261123  # training used scene seeds 2 (prompts), 3 and 1003 (encoder); these scenes are new
 NUM_SCENES = 100
 
 
@@ -38,15 +38,19 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
-# The demo model shipped so far is under-trained (issue 5 stays open): it answers and captions but does not
-# localise. Strict: once the targets are met these fail, and the markers must go.
+# The demo model shipped so far is under-trained (issue 5 stays open): it answers and captions, and its boxes
+# are right when it gives one, but it rarely gives one. Strict: once the targets are met these fail, and the
+# markers must go.
 NOT_YET = pytest.mark.xfail(reason="demo model under-trained; issue 5 targets not met yet", strict=True)
 
 
 def test_outputs_are_well_formed(figures):
-    """Floors the current model holds (far below the targets): it counts, names colours and answers yes/no."""
+    """Floors the current model holds (below the targets), so that a rebuild cannot quietly get worse: it
+    counts, names colours, answers yes/no, captions some scenes, and the few boxes it gives are right."""
     assert figures["prompts"] >= 5 * NUM_SCENES
-    assert figures["count_accuracy"] >= 0.7 and figures["yes_no_accuracy"] >= 0.65
+    assert figures["count_accuracy"] >= 0.85 and figures["yes_no_accuracy"] >= 0.75
+    assert figures["colour_accuracy"] >= 0.7 and figures["caption_accuracy"] >= 0.2
+    assert figures["detection_found"] > 0 and figures["detection_box_iou"] >= 0.7
 
 
 @NOT_YET

@@ -98,3 +98,101 @@ def test_structured_init_makes_nearby_bins_alike(tokenizer_path):
     assert similarity[501] > 0.9 and similarity[500 + 200] < 0.5
     pos = np.asarray(params["img"]["pos_embedding"])[0]
     assert np.linalg.norm(pos[0] - pos[1]) < np.linalg.norm(pos[0] - pos[-1])
+
+
+def test_object_tokens_give_each_loc_and_seg_token_its_box(tokenizer_path):
+    from paligemma.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    segs = "".join(f"<seg{i:03d}>" for i in range(16))
+    suffix = tokenizer.encode(f"<loc0010><loc0020><loc0300><loc0400>{segs} red circle ; "
+                              "<loc0500><loc0600><loc0900><loc1000> red square")
+    found = train.object_tokens(suffix, tokenizer)
+    first, second = (10, 20, 300, 400), (500, 600, 900, 1000)
+    assert [box for _, box in found] == [first] * 20 + [second] * 4
+    assert all(suffix[i] in tokenizer.loc_ids + tokenizer.seg_ids for i, _ in found)
+    assert found[20][0] > found[19][0] + 1  # the label and " ; " between the objects have no box
+    assert train.object_tokens(tokenizer.encode("a red circle"), tokenizer) == []
+
+
+def test_patches_inside_a_box_and_the_fallback_for_thin_boxes():
+    grid = 4  # patch centres at 128, 384, 640, 896 bins
+    inside = train.patches_inside((0, 300, 500, 1023), grid).reshape(grid, grid)
+    np.testing.assert_array_equal(inside, [[0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    thin = train.patches_inside((700, 10, 720, 60), grid).reshape(grid, grid)
+    assert thin.sum() == 1 and thin[2, 0] == 1
+
+
+def test_batches_put_grounding_targets_before_each_object_token(tmp_path, tokenizer_path):
+    from paligemma.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    cfg = train.tiny_config(tokenizer.vocab_size)  # 56 px, 28 px patches: a 2×2 grid
+    Image.new("RGB", (56, 56), "white").save(tmp_path / "a.png")
+    examples = [train.Example("a.png", "detect circle", "<loc0000><loc0000><loc0400><loc1000> circle"),
+                train.Example("a.png", "caption en", "a red circle")]
+    batches = train.Batches(str(tmp_path), examples, tokenizer, cfg)
+    batch = batches.batch([0, 1])
+    start = len(tokenizer.encode_prompt("detect circle")) - 1  # the position that writes y1
+    rows = batch["grounding"][0].sum(-1)
+    assert rows[start: start + 4].tolist() == [2, 2, 2, 2] and rows.sum() == 8  # the top two patches
+    np.testing.assert_array_equal(batch["grounding"][0, start], [1, 1, 0, 0])
+    assert not batch["grounding"][1].any()
+
+
+def test_grounding_loss_rewards_looking_at_the_target():
+    targets = np.zeros((1, 3, 4), np.float32)
+    targets[0, 1] = [0, 0, 1, 1]  # position 1 should look at patches 2 and 3
+    looking = np.zeros((3, 1, 2, 3, 6), np.float32)  # [L, B, N, T, S]: 4 image tokens + 2 text tokens
+    looking[..., 4] = 1.0  # everyone looks at a text token ...
+    looking[1:, 0, 0, 1] = [0, 0, 0.5, 0.5, 0, 0]  # ... except head 0 of later layers at position 1
+    away = np.zeros_like(looking)
+    away[..., 0] = 1.0
+    assert float(train.grounding_loss(looking, targets, 4)) < 1e-3
+    assert float(train.grounding_loss(away, targets, 4)) > 10
+
+
+def test_forward_returns_attention_that_leaves_logits_unchanged():
+    import jax
+
+    from paligemma.model import forward
+    from paligemma.params import init_params
+
+    cfg = train.tiny_config(300)
+    params = init_params(cfg, 0)
+    args = (np.zeros((2, 56, 56, 3), np.float32), np.array([[2, 5, 6, 7], [2, 5, 8, 0]], np.int32),
+            np.array([2, 2], np.int32), np.array([4, 3], np.int32))
+    plain = forward(params, cfg, *args)
+    logits, attention = jax.jit(forward, static_argnums=(1, 6))(params, cfg, *args, True)
+    np.testing.assert_allclose(logits, plain, atol=1e-5)
+    assert attention.shape == (cfg.text.depth, 2, cfg.text.num_heads, 4, cfg.num_image_tokens + 4)
+    np.testing.assert_allclose(np.asarray(attention).sum(-1), 1.0, atol=1e-5)
+    assert not np.asarray(attention)[:, 1, :, :, -1].any()  # the second row's padding is never looked at
+
+
+def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
+    """A few steps with --grounding raise head 0's attention on the object's patches; without, it stays."""
+    from paligemma.model import forward
+    from paligemma.params import init_params
+    from paligemma.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    cfg = train.tiny_config(tokenizer.vocab_size)
+    image = np.full((56, 56, 3), 230, np.uint8)
+    image[:28, :28] = (220, 40, 40)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    examples = [train.Example("a.png", "detect red square", "<loc0000><loc0000><loc0512><loc0512> red square")]
+    batch = train.Batches(str(tmp_path), examples * 4, tokenizer, cfg).batch(range(4))
+    start = len(tokenizer.encode_prompt("detect red square")) - 1
+
+    def attention_on_object(weight):
+        params = init_params(cfg, 0)
+        optimizer = train.make_optimizer(params, 1e-2, 40, freeze_image_encoder=False)
+        step, state = train.make_train_step(cfg, optimizer, grounding=weight), optimizer.init(params)
+        for _ in range(40):
+            params, state, _ = step(params, state, batch)
+        _, attention = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"],
+                               batch["seq_len"], with_attention=True)
+        return float(attention[1, 0, 0, start, 0])  # the top-left patch holds the square
+
+    assert attention_on_object(1.0) > 0.8 > attention_on_object(0.0)

@@ -21,8 +21,8 @@ def test_patches_take_the_label_and_box_of_the_object_over_their_centre():
     red, blue = 1 + vision_pretrain.LABELS.index("red circle"), 1 + vision_pretrain.LABELS.index("blue triangle")
     assert (classes[:2, :2] == red).all() and (classes[4:7, 5:8] == blue).all()
     assert (classes == red).sum() == 4 and (classes == blue).sum() == 9 and (classes == 0).sum() == 64 - 13
-    np.testing.assert_allclose(boxes[0, 1], np.asarray([0, 0, 60, 60]) / 224)
-    np.testing.assert_allclose(boxes[6, 5], np.asarray([100, 140, 190, 220]) / 224)  # y1 x1 y2 x2
+    np.testing.assert_array_equal(boxes[0, 1], [0, 0, 274, 274])  # location bins: round(px / 224 * 1024)
+    np.testing.assert_array_equal(boxes[6, 5], [457, 640, 869, 1006])  # y1 x1 y2 x2
     assert not boxes[classes == 0].any()
 
 
