@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/demo_encoder", help="where the pretrained encoder is kept")
     parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
