@@ -95,8 +95,8 @@ def model_input(stored):
 class Batches:
     """Tokenised examples with their images decoded once into memory, served as padded batches.
 
-    Each batch also carries `grounding` float32 [B, T, P]: at the position before each loc or seg token of an
-    object, the image patches whose centres lie inside that object's box (1) or not (0); rows of other
+    Asked for, a batch also carries `grounding` float32 [B, T, P]: at the position before each loc or seg token
+    of an object, the image patches whose centres lie inside that object's box (1) or not (0); rows of other
     positions are zero. It is the target of the optional grounding loss (see suffix_loss).
     """
 
@@ -119,20 +119,27 @@ class Batches:
     def __len__(self) -> int:
         return len(self.prefixes)
 
-    def batch(self, indices) -> dict[str, np.ndarray]:
+    def batch(self, indices, with_grounding: bool = False) -> dict[str, np.ndarray]:
         lengths = [len(self.prefixes[i]) + len(self.suffixes[i]) for i in indices]
         width = next(b for b in TEXT_BUCKETS if b >= max(lengths))
         tokens = np.zeros((len(indices), width), np.int32)
-        grounding = np.zeros((len(indices), width, self.grid * self.grid), np.float32)
         for row, i in enumerate(indices):
             ids = self.prefixes[i] + self.suffixes[i]
             tokens[row, : len(ids)] = ids
+        batch = {"images": model_input(np.stack([self.images[i] for i in indices])), "tokens": tokens,
+                 "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
+                 "seq_len": np.asarray(lengths, np.int32)}
+        if with_grounding:
+            batch["grounding"] = self.grounding(indices, width)
+        return batch
+
+    def grounding(self, indices, width: int) -> np.ndarray:
+        """float32 [B, width, P]: see the class docstring."""
+        targets = np.zeros((len(indices), width, self.grid * self.grid), np.float32)
+        for row, i in enumerate(indices):
             for index, box in self.boxes[i]:
-                grounding[row, len(self.prefixes[i]) + index - 1] = patches_inside(box, self.grid)
-        images = model_input(np.stack([self.images[i] for i in indices]))
-        return {"images": images, "tokens": tokens, "grounding": grounding,
-                "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
-                "seq_len": np.asarray(lengths, np.int32)}
+                targets[row, len(self.prefixes[i]) + index - 1] = patches_inside(box, self.grid)
+        return targets
 
 
 def object_tokens(suffix: list[int], tokenizer: Tokenizer) -> list[tuple[int, tuple[int, ...]]]:
@@ -199,11 +206,9 @@ def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = No
     With grounding > 0, plus that weight times grounding_loss: a small model learns where an object is from
     four loc tokens per example far too slowly; telling it where to look is a dense signal.
     """
-    if grounding:
-        logits, attention = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"],
-                                    batch["seq_len"], with_attention=True)
-    else:
-        logits = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"])
+    out = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"],
+                  with_attention=bool(grounding))
+    logits, attention = out if grounding else (out, None)
     targets = batch["tokens"][:, 1:]
     position = jnp.arange(1, batch["tokens"].shape[1])[None]
     weights = (position >= batch["prefix_len"][:, None]) & (position < batch["seq_len"][:, None])
@@ -365,7 +370,7 @@ def train(args) -> dict:
     for step in bar:
         if position + args.batch_size > len(order):
             order, position = rng.permutation(len(train_data)), 0
-        batch = train_data.batch(order[position: position + args.batch_size])
+        batch = train_data.batch(order[position: position + args.batch_size], with_grounding=args.grounding > 0)
         position += args.batch_size
         params, opt_state, loss = step_fn(params, opt_state, batch)
         if step % 10 == 0 or step == args.steps:

@@ -31,7 +31,6 @@ DATA_SEED = 2  # evaluation uses other seeds: scenes the model never saw
 # most of them about objects that are present.
 MIX = "detect=4,segment=2"
 POSITIVE_RATE = 0.8
-LOC_SIGMA = 4.0  # bins (1024 across the image): box targets spread over about ±1 px
 GROUNDING = 1.0
 
 
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/demo_encoder", help="where the pretrained encoder is kept")
     parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
         status = train.main([
             "--data", args.data, "--out", args.out, "--init", start, "--tokenizer", tok.path,
             "--freeze-image-encoder", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--loc-sigma", str(LOC_SIGMA), "--grounding", str(GROUNDING),
+            "--lr", str(args.lr), "--loc-sigma", str(vision_pretrain.BOX_SIGMA), "--grounding", str(GROUNDING),
             "--eval-every", str(max(args.steps // 4, 1)), "--save-every", "300", "--seed", str(round_),
         ])
         if status:

@@ -27,30 +27,38 @@ from tqdm import tqdm
 
 from paligemma.siglip import encode_images
 from paligemma.tokenizer import NUM_LOC, Tokenizer
-from paligemma.train import (CONFIGS, fresh_params, loc_codes, model_input, save_checkpoint, soft_loc_targets,
-                             stored_image)
+from paligemma.train import (
+    CONFIGS,
+    fresh_params,
+    loc_codes,
+    model_input,
+    patches_inside,
+    save_checkpoint,
+    soft_loc_targets,
+    stored_image,
+)
 from postprocess.parse import pixel_to_bin
 from scenes.generate import COLOURS, KINDS, Scene, scene_for
 
 LABELS = [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]  # class 0 is the background
-BOX_SIGMA = 4.0  # bins: the soft target of a box edge, as the decoder's --loc-sigma
+BOX_SIGMA = 4.0  # bins (1024 across the image, so about ±1 px): the soft target of a box edge, here and in
+# the decoder's --loc-sigma (scenes.build_demo), so that both read boxes in the same way
 
 
 def patch_targets(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """-> classes int32[grid*grid] (0: background, else 1 + index in LABELS) and boxes int32[grid*grid, 4]
-    (the location bins of y1, x1, y2, x2; zero on background) for patches in row-major order."""
+    (the location bins of y1, x1, y2, x2; zero on background) for patches in row-major order. A patch belongs
+    to an object as the decoder's grounding targets say (train.patches_inside)."""
     size = scene.image.shape[0]
-    centres = (np.arange(grid) + 0.5) * size / grid
-    classes = np.zeros((grid, grid), np.int32)
-    boxes = np.zeros((grid, grid, 4), np.int32)
+    classes = np.zeros(grid * grid, np.int32)
+    boxes = np.zeros((grid * grid, 4), np.int32)
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
-        rows = (centres >= y1) & (centres < y2)
-        cols = (centres >= x1) & (centres < x2)
-        inside = rows[:, None] & cols[None, :]
+        bins = [pixel_to_bin(edge, size) for edge in (y1, x1, y2, x2)]
+        inside = patches_inside(tuple(bins), grid).astype(bool)
         classes[inside] = 1 + LABELS.index(obj.label)
-        boxes[inside] = [pixel_to_bin(edge, size) for edge in (y1, x1, y2, x2)]
-    return classes.reshape(-1), boxes.reshape(-1, 4)
+        boxes[inside] = bins
+    return classes, boxes
 
 
 def make_scenes(seed: int, count: int, grid: int, image_size: int) -> dict[str, np.ndarray]:

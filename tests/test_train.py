@@ -75,7 +75,7 @@ def test_soft_loc_targets_reward_near_misses(monkeypatch):
         logits = np.zeros((1, 4, vocab), np.float32)
         logits[0, 1, first + bin_] = 8.0  # position 1 predicts the loc token
         logits[0, 2, 1] = 8.0  # position 2 predicts EOS
-        return lambda *args: logits
+        return lambda *args, **kwargs: logits
 
     losses = {}
     for loc in (None, train.LocTargets(first, sigma=3.0)):
@@ -132,7 +132,8 @@ def test_batches_put_grounding_targets_before_each_object_token(tmp_path, tokeni
     examples = [train.Example("a.png", "detect circle", "<loc0000><loc0000><loc0400><loc1000> circle"),
                 train.Example("a.png", "caption en", "a red circle")]
     batches = train.Batches(str(tmp_path), examples, tokenizer, cfg)
-    batch = batches.batch([0, 1])
+    assert "grounding" not in batches.batch([0, 1])  # only built when the loss asks for it
+    batch = batches.batch([0, 1], with_grounding=True)
     start = len(tokenizer.encode_prompt("detect circle")) - 1  # the position that writes y1
     rows = batch["grounding"][0].sum(-1)
     assert rows[start: start + 4].tolist() == [2, 2, 2, 2] and rows.sum() == 8  # the top two patches
@@ -182,7 +183,7 @@ def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
     image[:28, :28] = (220, 40, 40)
     Image.fromarray(image).save(tmp_path / "a.png")
     examples = [train.Example("a.png", "detect red square", "<loc0000><loc0000><loc0512><loc0512> red square")]
-    batch = train.Batches(str(tmp_path), examples * 4, tokenizer, cfg).batch(range(4))
+    batch = train.Batches(str(tmp_path), examples * 4, tokenizer, cfg).batch(range(4), with_grounding=True)
     start = len(tokenizer.encode_prompt("detect red square")) - 1
 
     def attention_on_object(weight):
