@@ -61,8 +61,8 @@ def test_all_targets_met(figures):
     assert set(TARGETS) <= set(figures)
 
 
-@NOT_YET
-@pytest.mark.parametrize("task", ["count", "colour", "yes_no"])
+@pytest.mark.parametrize("task", ["count", pytest.param("colour", marks=NOT_YET),
+                                  pytest.param("yes_no", marks=NOT_YET)])
 def test_each_answer_kind_is_right(figures, task):
     assert figures[f"{task}_accuracy"] >= 0.95
 
