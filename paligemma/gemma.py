@@ -141,8 +141,9 @@ def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask
 
     mask_new bool[B, T, T] says which new tokens each query sees; with a cache mask_cache bool[B, T, S] says
     which cached positions it sees. Returns (hidden [B, T, D] after the final norm, the new tokens' keys and
-    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H]), and with
-    with_attention the attention weights of every layer and head, float32 [L, B, N, T, S] (for training).
+    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H], and the
+    attention weights of every layer and head, float32 [L, B, N, T, S], when with_attention asks for them
+    (for training) else None).
     """
     layers = params["layers"]
     if isinstance(layers, list | tuple):
@@ -160,8 +161,7 @@ def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask
             return x, (kv, w if with_attention else None)
 
         x, (new_kv, weights) = jax.lax.scan(body, x, (layers, cache))
-    hidden = rms_norm(x, params["final_norm"]["scale"], cfg.eps)
-    return (hidden, new_kv, weights) if with_attention else (hidden, new_kv)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.eps), new_kv, weights
 
 
 def map_cache(fn, cache):

@@ -75,7 +75,8 @@ def _prefill(params, images, tokens, prompt_len, kind_id, value, key, *, cfg: Pa
     b, length, _ = x.shape
     prefix_end = cfg.num_image_tokens + prompt_len  # [B]
     positions = jnp.broadcast_to(jnp.arange(length), (b, length))
-    hidden, new_kv = gemma.run_layers(params["llm"], cfg.text, x, positions, prefix_lm_mask(prefix_end, prefix_end, length))
+    mask = prefix_lm_mask(prefix_end, prefix_end, length)
+    hidden, new_kv, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask)
     last = jnp.take_along_axis(hidden, (prefix_end - 1)[:, None, None], axis=1)  # [B, 1, D]
     logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, last)[:, 0], valid_vocab)
     first = sample(logits, kind_id, value, jax.random.fold_in(key, 0))
@@ -110,7 +111,7 @@ def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos
         slots = jnp.arange(cache_len)[None, None, :]
         mask_cache = (slots < s["prefix_end"][:, None, None]) | ((slots >= generated_start) & (slots < index))
         mask_new = jnp.ones((token.shape[0], 1, 1), bool)
-        hidden, new_kv = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new, s["cache"], mask_cache)
+        hidden, new_kv, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new, s["cache"], mask_cache)
         logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, hidden)[:, 0], valid_vocab)
         nxt = sample(logits, s["kind_id"], s["value"], jax.random.fold_in(s["key"], step))
         nxt = jnp.where(s["done"], pad_id, nxt)

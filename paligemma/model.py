@@ -42,7 +42,7 @@ def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len, w
     length = x.shape[1]
     mask = prefix_lm_mask(n + prefix_len, n + seq_len, length)
     positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2])
-    hidden, _, *attention = gemma.run_layers(params["llm"], cfg.text, x, positions, mask,
-                                             with_attention=with_attention)
+    hidden, _, attention = gemma.run_layers(params["llm"], cfg.text, x, positions, mask,
+                                            with_attention=with_attention)
     logits = gemma.logits_from_hidden(params["llm"], cfg.text, hidden[:, n:])
-    return (logits, attention[0][:, :, :, n:]) if with_attention else logits
+    return (logits, attention[:, :, :, n:]) if with_attention else logits

@@ -147,12 +147,12 @@ def object_tokens(suffix: list[int], tokenizer: Tokenizer) -> list[tuple[int, tu
     tokens in a row and owns the seg tokens after it."""
     if tokenizer.loc_ids is None:
         return []
-    first_loc, segs = tokenizer.loc_ids[0], set(tokenizer.seg_ids or ())
-    is_loc = [0 <= t - first_loc < NUM_LOC for t in suffix]
+    bin_of = {token: bin_ for bin_, token in enumerate(tokenizer.loc_ids)}
+    segs = set(tokenizer.seg_ids or ())
     found, box, i = [], None, 0
     while i < len(suffix):
-        if i + 4 <= len(suffix) and all(is_loc[i: i + 4]):
-            box = tuple(t - first_loc for t in suffix[i: i + 4])
+        if i + 4 <= len(suffix) and all(t in bin_of for t in suffix[i: i + 4]):
+            box = tuple(bin_of[t] for t in suffix[i: i + 4])
             found += [(i + k, box) for k in range(4)]
             i += 4
             continue
