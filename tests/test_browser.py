@@ -89,12 +89,7 @@ def test_page_is_served_quickly_with_every_control(server, page):
     expect(page.get_by_label("Language", exact=True)).to_be_hidden()  # OCR takes no language
 
 
-# The shipped demo model does not localise yet (issue 5): strict, so this fails loudly once it does and the
-# marker must go.
-DEMO_DETECTS_NOT_YET = pytest.mark.xfail(reason="the demo model does not detect yet (issue 5)", strict=True)
-
-
-@pytest.mark.parametrize("model, tolerance_px", [(TAUGHT, 2), pytest.param("demo", 8, marks=DEMO_DETECTS_NOT_YET)])
+@pytest.mark.parametrize("model, tolerance_px", [(TAUGHT, 2), ("demo", 8)])
 def test_detect_example_shows_label_and_box(page, model, tolerance_px):
     example = detect_example()
     label = "red circle"
