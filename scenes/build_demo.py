@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="decoder rounds on --data")
-    parser.add_argument("--final-rounds", type=int, default=3, help="decoder rounds on --final-data after those")
+    parser.add_argument("--final-rounds", type=int, default=4, help="decoder rounds on --final-data after those")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
