@@ -278,13 +278,22 @@ def fresh_params(cfg: PaliGemmaConfig, tokenizer: Tokenizer, seed: int):
     return structured_init(init_params(cfg, seed), cfg, tokenizer)
 
 
-def make_optimizer(params, lr: float, steps: int, freeze_image_encoder: bool):
+def make_optimizer(params, lr: float, steps: int, image_encoder_lr_scale: float = 1.0):
+    """AdamW on a warm-up + cosine schedule with the image encoder's learning rate scaled: fine-tuning a
+    pretrained encoder gently keeps what it learned while the decoder's task still reshapes it. Scale 0 freezes
+    it, and its gradients then stay out of the clipping norm too."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(500, steps // 10 + 1), steps, lr * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=1e-4))
-    if not freeze_image_encoder:
-        return optimizer
-    labels = {part: jax.tree.map(lambda _: "frozen" if part == "img" else "train", params[part]) for part in params}
-    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+    clip = optax.clip_by_global_norm(1.0)
+
+    def adamw(scale: float):
+        return optax.adamw(lambda step: scale * schedule(step), b2=0.98, weight_decay=1e-4)
+
+    if image_encoder_lr_scale == 1.0:
+        return optax.chain(clip, adamw(1.0))
+    labels = jax.tree_util.tree_map_with_path(lambda path, _: "img" if path[0].key == "img" else "rest", params)
+    if image_encoder_lr_scale == 0.0:
+        return optax.multi_transform({"rest": optax.chain(clip, adamw(1.0)), "img": optax.set_to_zero()}, labels)
+    return optax.chain(clip, optax.multi_transform({"rest": adamw(1.0), "img": adamw(image_encoder_lr_scale)}, labels))
 
 
 def make_train_step(cfg: PaliGemmaConfig, optimizer, loc: LocTargets | None = None, grounding: float = 0.0):
@@ -319,7 +328,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--freeze-image-encoder", action="store_true")
+    encoder = p.add_mutually_exclusive_group()
+    encoder.add_argument("--freeze-image-encoder", action="store_true", help="train everything but the image encoder")
+    encoder.add_argument("--image-encoder-lr-scale", type=float, default=1.0,
+                         help="the image encoder's learning rate as a fraction of --lr (0 freezes it)")
     p.add_argument("--loc-sigma", type=float, default=0.0,
                    help="spread <locNNNN> targets as a Gaussian of this many bins (0: exact targets)")
     p.add_argument("--grounding", type=float, default=0.0,
@@ -340,6 +352,9 @@ def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
 
 
 def train(args) -> dict:
+    encoder_scale = 0.0 if args.freeze_image_encoder else args.image_encoder_lr_scale
+    if encoder_scale < 0:
+        raise ValueError(f"--image-encoder-lr-scale must be 0 or more, not {encoder_scale}")
     if args.init:
         start_model = load(args.init, dtype="float32", tokenizer=args.tokenizer)
         params, cfg, tokenizer = start_model.params, start_model.config, start_model.tokenizer
@@ -356,7 +371,7 @@ def train(args) -> dict:
     valid_examples = read_jsonl(valid_path) if os.path.isfile(valid_path) else []
     valid_data = Batches(args.data, valid_examples, tokenizer, cfg) if valid_examples else None
 
-    optimizer = make_optimizer(params, args.lr, args.steps, args.freeze_image_encoder)
+    optimizer = make_optimizer(params, args.lr, args.steps, encoder_scale)
     opt_state = optimizer.init(params)
     step_fn = make_train_step(cfg, optimizer, loc, args.grounding)
     model = Model(params, cfg, tokenizer)

@@ -38,26 +38,23 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
-# The shipped demo model (issue 5 stays open) meets the mask-IoU target, but finds about four objects in five,
-# gives a few boxes too many on prompts that name absent objects, captions about two scenes in three, and its
-# colour and yes/no answers fall just short. Strict: once a target is met its test fails, and the marker must go.
-NOT_YET = pytest.mark.xfail(reason="demo model under-trained; issue 5 targets not met yet", strict=True)
+# The shipped demo model (issue 5 stays open) meets every target but the captions: about four in five are exact,
+# and the rest name two objects out of left-to-right order or mistake one shape. Strict: once the caption target
+# is met this test fails, and the marker must go.
+NOT_YET = pytest.mark.xfail(reason="demo model's captions miss issue 5's target", strict=True)
 
 
 def test_outputs_are_well_formed(figures):
-    """Floors the current model holds, so that a rebuild cannot quietly get worse: it counts, names colours,
-    answers yes/no, captions most scenes, finds most objects with tight boxes and masks, and gives few extra
-    boxes (its last rounds trade some of those for finding three times as many objects)."""
+    """Floors above the targets where the current model holds them, so that a rebuild cannot quietly get worse:
+    boxes and masks as tight as now, and captions no fewer than now."""
     assert figures["prompts"] >= 5 * NUM_SCENES
-    assert figures["count_accuracy"] >= 0.9 and figures["yes_no_accuracy"] >= 0.85
-    assert figures["colour_accuracy"] >= 0.9 and figures["answer_accuracy"] >= 0.9
-    assert figures["caption_accuracy"] >= 0.55
-    assert figures["detection_found"] >= 0.7 and figures["detection_box_iou"] >= 0.9
-    assert figures["detection_extra"] <= 0.15 and figures["segmentation_mask_iou"] >= 0.8
+    assert figures["detection_box_iou"] >= 0.9 and figures["segmentation_mask_iou"] >= 0.85
+    assert figures["caption_accuracy"] >= 0.75
 
 
-def test_mask_target_is_met(figures):
-    assert not missed_targets(figures, ["segmentation_mask_iou"])
+def test_targets_other_than_captions_are_met(figures):
+    names = [name for name in TARGETS if name != "caption_accuracy"]
+    assert not missed_targets(figures, names), missed_targets(figures, names)
 
 
 @NOT_YET
@@ -67,8 +64,6 @@ def test_all_targets_met(figures):
     assert set(TARGETS) <= set(figures)
 
 
-@pytest.mark.parametrize("task", ["count", pytest.param("colour", marks=NOT_YET),
-                                  pytest.param("yes_no", marks=NOT_YET)])
+@pytest.mark.parametrize("task", ["count", "colour", "yes_no"])
 def test_each_answer_kind_is_right(figures, task):
     assert figures[f"{task}_accuracy"] >= 0.95
-

@@ -46,7 +46,7 @@ def test_frozen_image_encoder_stays_unchanged(tmp_path, tokenizer_path):
 
     cfg = train.tiny_config(2000)
     params = init_params(cfg, 0)
-    optimizer = train.make_optimizer(params, 1e-2, 10, freeze_image_encoder=True)
+    optimizer = train.make_optimizer(params, 1e-2, 10, image_encoder_lr_scale=0.0)
     step = train.make_train_step(cfg, optimizer)
     before = jax_copy(params)
     batch = {"images": np.zeros((2, 56, 56, 3), np.float32), "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
@@ -56,6 +56,39 @@ def test_frozen_image_encoder_stays_unchanged(tmp_path, tokenizer_path):
         params, opt_state, _ = step(params, opt_state, batch)
     np.testing.assert_array_equal(params["img"]["head"]["kernel"], before["img"]["head"]["kernel"])
     assert not np.array_equal(params["llm"]["final_norm"]["scale"], before["llm"]["final_norm"]["scale"])
+
+
+def test_image_encoder_lr_scale_scales_only_encoder_updates():
+    """Adam's first real step moves each weight by about the learning rate, so a quarter of the rate gives a
+    quarter of the encoder's step while the decoder's step is the one it gets at full rate."""
+    from paligemma.params import init_params
+
+    cfg = train.tiny_config(2000)
+    batch = {"images": np.linspace(0, 1, 2 * 56 * 56 * 3, dtype=np.float32).reshape(2, 56, 56, 3),
+             "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
+             "prefix_len": np.array([2, 2], np.int32), "seq_len": np.array([4, 4], np.int32)}
+
+    def deltas(scale):
+        params = init_params(cfg, 0)
+        before = jax_copy(params)
+        optimizer = train.make_optimizer(params, 1e-2, 10, image_encoder_lr_scale=scale)
+        step, state = train.make_train_step(cfg, optimizer), optimizer.init(params)
+        for _ in range(2):  # the warm-up starts at a learning rate of 0
+            params, state, _ = step(params, state, batch)
+        return (params["img"]["head"]["kernel"] - before["img"]["head"]["kernel"],
+                params["llm"]["final_norm"]["scale"] - before["llm"]["final_norm"]["scale"])
+
+    (img_full, llm_full), (img_quarter, llm_quarter) = deltas(1.0), deltas(0.25)
+    assert np.abs(img_full).max() > 0
+    np.testing.assert_allclose(img_quarter, 0.25 * img_full, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(llm_quarter, llm_full, rtol=1e-5, atol=1e-9)
+
+
+def test_negative_image_encoder_lr_scale_is_refused(tmp_path, tokenizer_path, capsys):
+    status = train.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--config", "tiny",
+                         "--tokenizer", tokenizer_path, "--image-encoder-lr-scale", "-1"])
+    assert status == 2
+    assert "--image-encoder-lr-scale must be 0 or more" in capsys.readouterr().err
 
 
 def jax_copy(tree):
@@ -188,7 +221,7 @@ def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
 
     def attention_on_object(weight):
         params = init_params(cfg, 0)
-        optimizer = train.make_optimizer(params, 1e-2, 40, freeze_image_encoder=False)
+        optimizer = train.make_optimizer(params, 1e-2, 40)
         step, state = train.make_train_step(cfg, optimizer, grounding=weight), optimizer.init(params)
         for _ in range(40):
             params, state, _ = step(params, state, batch)
