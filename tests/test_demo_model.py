@@ -38,8 +38,8 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
-# The shipped demo model (issue 5 stays open) meets every target but the captions: about four in five are exact,
-# and the rest name two objects out of left-to-right order or mistake one shape. Strict: once the caption target
+# The shipped demo model (issue 5 stays open) meets every target but the captions: about five in six are exact;
+# most of the rest name one object twice (never a true caption) or leave one out. Strict: once the caption target
 # is met this test fails, and the marker must go.
 NOT_YET = pytest.mark.xfail(reason="demo model's captions miss issue 5's target", strict=True)
 
