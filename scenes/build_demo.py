@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="decoder rounds on --data")
     parser.add_argument("--final-rounds", type=int, default=4, help="decoder rounds on --final-data after those")
-    parser.add_argument("--tuning-rounds", type=int, default=3,
+    parser.add_argument("--tuning-rounds", type=int, default=4,
                         help="rounds on --final-data after those that train the image encoder too")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
