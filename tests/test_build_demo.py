@@ -3,13 +3,21 @@ Training itself is not run here; the shipped model was trained with exactly thes
 
 import shutil
 
+import pytest
+
 from scenes import build_demo
 
 
-def test_rounds_freeze_the_encoder_until_the_tuning_rounds(tmp_path, tokenizer_path, monkeypatch):
-    out = tmp_path / "demo"
-    out.mkdir()
-    shutil.copy(tokenizer_path, out / "tokenizer.model")
+@pytest.fixture
+def out(tmp_path, tokenizer_path):
+    """An output folder that already holds the tokenizer, so the build keeps it instead of training one."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+def test_rounds_freeze_the_encoder_until_the_tuning_rounds(tmp_path, out, monkeypatch):
     datasets, pretrain_calls, rounds = [], [], []
     monkeypatch.setattr(build_demo, "ensure_dataset", lambda folder, *_: datasets.append(folder))
     monkeypatch.setattr(build_demo.vision_pretrain, "main", pretrain_calls.append)
@@ -38,10 +46,7 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds(tmp_path, tokenizer_p
     ]
 
 
-def test_a_failed_round_stops_the_build(tmp_path, tokenizer_path, monkeypatch):
-    out = tmp_path / "demo"
-    out.mkdir()
-    shutil.copy(tokenizer_path, out / "tokenizer.model")
+def test_a_failed_round_stops_the_build(tmp_path, out, monkeypatch):
     calls = []
     monkeypatch.setattr(build_demo, "ensure_dataset", lambda *_: None)
     monkeypatch.setattr(build_demo.vision_pretrain, "main", lambda argv: None)

@@ -39,8 +39,8 @@ def test_demo_is_the_default_model():
 
 
 # The shipped demo model (issue 5 stays open) meets every target but the captions: about five in six are exact;
-# the rest mostly put two objects out of left-to-right order or name one twice (never a true caption). Strict: once the caption target
-# is met this test fails, and the marker must go.
+# the rest mostly put two objects out of left-to-right order or name one twice (never a true caption).
+# Strict: once the caption target is met this test fails, and the marker must go.
 NOT_YET = pytest.mark.xfail(reason="demo model's captions miss issue 5's target", strict=True)
 
 

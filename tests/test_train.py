@@ -49,8 +49,7 @@ def test_frozen_image_encoder_stays_unchanged(tmp_path, tokenizer_path):
     optimizer = train.make_optimizer(params, 1e-2, 10, image_encoder_lr_scale=0.0)
     step = train.make_train_step(cfg, optimizer)
     before = jax_copy(params)
-    batch = {"images": np.zeros((2, 56, 56, 3), np.float32), "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
-             "prefix_len": np.array([2, 2], np.int32), "seq_len": np.array([4, 4], np.int32)}
+    batch = two_example_batch(np.zeros((2, 56, 56, 3), np.float32))
     opt_state = optimizer.init(params)
     for _ in range(3):  # the warm-up starts at a learning rate of 0
         params, opt_state, _ = step(params, opt_state, batch)
@@ -64,9 +63,7 @@ def test_image_encoder_lr_scale_scales_only_encoder_updates():
     from paligemma.params import init_params
 
     cfg = train.tiny_config(2000)
-    batch = {"images": np.linspace(0, 1, 2 * 56 * 56 * 3, dtype=np.float32).reshape(2, 56, 56, 3),
-             "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
-             "prefix_len": np.array([2, 2], np.int32), "seq_len": np.array([4, 4], np.int32)}
+    batch = two_example_batch(np.linspace(0, 1, 2 * 56 * 56 * 3, dtype=np.float32).reshape(2, 56, 56, 3))
 
     def deltas(scale):
         params = init_params(cfg, 0)
@@ -89,6 +86,12 @@ def test_negative_image_encoder_lr_scale_is_refused(tmp_path, tokenizer_path, ca
                          "--tokenizer", tokenizer_path, "--image-encoder-lr-scale", "-1"])
     assert status == 2
     assert "--image-encoder-lr-scale must be 0 or more" in capsys.readouterr().err
+
+
+def two_example_batch(images):
+    """A hand-made training batch for the tiny config: two 56 px images, a 2-token prefix and a 2-token suffix."""
+    return {"images": images, "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
+            "prefix_len": np.array([2, 2], np.int32), "seq_len": np.array([4, 4], np.int32)}
 
 
 def jax_copy(tree):
