@@ -14,8 +14,12 @@ The last rounds (--final-rounds) train on fresh scenes where few prompts name an
 weighs EOS against the single likeliest loc bin, and a box's probability is spread over tens of bins, so a model
 taught the first mix's share of "nothing here" answers gave EOS to most of the objects it could place.
 The dense pretraining teaches the encoder where objects are, but it names only about half of the object patches
-right (a 28 px patch inside a shape cannot tell a circle from a square on its own), so the very last rounds
+right (a 28 px patch inside a shape cannot tell a circle from a square on its own), so the last rounds
 (--tuning-rounds) also train the encoder, at ENCODER_LR_SCALE of the decoder's rate, on what the prompts ask.
+The polish rounds (--polish-rounds) repeat those at a rate POLISH_LR_SCALE times the round before's: a warm
+restart at the full rate first undoes part of what the round before learned (validation loss up by a fifth at
+its step 500), and a gentler one keeps it. One polish round took exact captions from 0.86 to 0.91 (700 unseen
+scenes); a second one, at either rate, left them there.
 Every step is seeded, so the same command rebuilds the same model.
 """
 
@@ -39,6 +43,7 @@ MIX = "detect=4,segment=2"
 POSITIVE_RATE, FINAL_POSITIVE_RATE = 0.8, 0.93
 GROUNDING = 1.0
 ENCODER_LR_SCALE = 0.3  # in the tuning rounds; the one scale tried, and the boxes got tighter, not looser
+POLISH_LR_SCALE = 0.3  # each polish round's rate over the round before's
 
 
 def dataset_texts(folder: str) -> list[str]:
@@ -72,12 +77,14 @@ def main(argv=None) -> int:
     parser.add_argument("--final-rounds", type=int, default=4, help="decoder rounds on --final-data after those")
     parser.add_argument("--tuning-rounds", type=int, default=4,
                         help="rounds on --final-data after those that train the image encoder too")
+    parser.add_argument("--polish-rounds", type=int, default=1,
+                        help="tuning rounds after those, each at POLISH_LR_SCALE of the rate before")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
 
     ensure_dataset(args.data, args.num_scenes, DATA_SEED, POSITIVE_RATE, args.out)
-    if args.final_rounds or args.tuning_rounds:
+    if args.final_rounds or args.tuning_rounds or args.polish_rounds:
         ensure_dataset(args.final_data, args.num_scenes, FINAL_DATA_SEED, FINAL_POSITIVE_RATE, args.out)
     tokenizer_prefix = os.path.join(args.out, "tokenizer")
     if os.path.isfile(tokenizer_prefix + ".model"):
@@ -90,13 +97,15 @@ def main(argv=None) -> int:
         vision_pretrain.main(["--out", args.work, "--tokenizer", tok.path, "--config", "demo",
                               "--steps", str(args.encoder_steps), "--seed", "0"])
     start = args.work
-    rounds = ([(args.data, 0.0)] * args.rounds + [(args.final_data, 0.0)] * args.final_rounds
-              + [(args.final_data, ENCODER_LR_SCALE)] * args.tuning_rounds)  # (dataset, encoder learning-rate scale)
-    for round_, (data, encoder_lr_scale) in enumerate(rounds):
+    rounds = ([(args.data, 0.0, args.lr)] * args.rounds + [(args.final_data, 0.0, args.lr)] * args.final_rounds
+              + [(args.final_data, ENCODER_LR_SCALE, args.lr)] * args.tuning_rounds
+              + [(args.final_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE ** (k + 1))
+                 for k in range(args.polish_rounds)])  # (dataset, encoder learning-rate scale, learning rate)
+    for round_, (data, encoder_lr_scale, lr) in enumerate(rounds):
         status = train.main([
             "--data", data, "--out", args.out, "--init", start, "--tokenizer", tok.path,
             "--image-encoder-lr-scale", str(encoder_lr_scale), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--loc-sigma", str(vision_pretrain.BOX_SIGMA),
+            "--batch-size", str(args.batch_size), "--lr", str(lr), "--loc-sigma", str(vision_pretrain.BOX_SIGMA),
             "--grounding", str(GROUNDING), "--eval-every", str(max(args.steps // 4, 1)), "--save-every", "300",
             "--seed", str(round_),
         ])

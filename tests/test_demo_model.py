@@ -38,8 +38,8 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
-# The shipped demo model (issue 5 stays open) meets every target but the captions: about five in six are exact;
-# the rest mostly put two objects out of left-to-right order or name one twice (never a true caption).
+# The shipped demo model (issue 5 stays open) meets every target but the captions: 0.89 exact on these scenes
+# (0.91 over 700 unseen ones); most of the rest swap two objects whose box centres are under 20 px apart.
 # Strict: once the caption target is met this test fails, and the marker must go.
 NOT_YET = pytest.mark.xfail(reason="demo model's captions miss issue 5's target", strict=True)
 
@@ -48,8 +48,8 @@ def test_outputs_are_well_formed(figures):
     """Floors above the targets where the current model holds them, so that a rebuild cannot quietly get worse:
     boxes and masks as tight as now, and captions no fewer than now."""
     assert figures["prompts"] >= 5 * NUM_SCENES
-    assert figures["detection_box_iou"] >= 0.9 and figures["segmentation_mask_iou"] >= 0.85
-    assert figures["caption_accuracy"] >= 0.75
+    assert figures["detection_box_iou"] >= 0.9 and figures["segmentation_mask_iou"] >= 0.9
+    assert figures["caption_accuracy"] >= 0.85
 
 
 def test_targets_other_than_captions_are_met(figures):
