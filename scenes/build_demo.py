@@ -64,6 +64,14 @@ def ensure_dataset(folder: str, num_scenes: int, seed: int, positive_rate: float
         print(json.dumps(summary), file=sys.stderr)
 
 
+def round_plan(args) -> list[tuple[str, float, float]]:
+    """(dataset, encoder learning-rate scale, learning rate) of each decoder round, in order."""
+    return ([(args.data, 0.0, args.lr)] * args.rounds + [(args.final_data, 0.0, args.lr)] * args.final_rounds
+            + [(args.final_data, ENCODER_LR_SCALE, args.lr)] * args.tuning_rounds
+            + [(args.final_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE ** (k + 1))
+               for k in range(args.polish_rounds)])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/demo")
@@ -83,8 +91,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
 
+    rounds = round_plan(args)
     ensure_dataset(args.data, args.num_scenes, DATA_SEED, POSITIVE_RATE, args.out)
-    if args.final_rounds or args.tuning_rounds or args.polish_rounds:
+    if any(data == args.final_data for data, _, _ in rounds):
         ensure_dataset(args.final_data, args.num_scenes, FINAL_DATA_SEED, FINAL_POSITIVE_RATE, args.out)
     tokenizer_prefix = os.path.join(args.out, "tokenizer")
     if os.path.isfile(tokenizer_prefix + ".model"):
@@ -97,10 +106,6 @@ def main(argv=None) -> int:
         vision_pretrain.main(["--out", args.work, "--tokenizer", tok.path, "--config", "demo",
                               "--steps", str(args.encoder_steps), "--seed", "0"])
     start = args.work
-    rounds = ([(args.data, 0.0, args.lr)] * args.rounds + [(args.final_data, 0.0, args.lr)] * args.final_rounds
-              + [(args.final_data, ENCODER_LR_SCALE, args.lr)] * args.tuning_rounds
-              + [(args.final_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE ** (k + 1))
-                 for k in range(args.polish_rounds)])  # (dataset, encoder learning-rate scale, learning rate)
     for round_, (data, encoder_lr_scale, lr) in enumerate(rounds):
         status = train.main([
             "--data", data, "--out", args.out, "--init", start, "--tokenizer", tok.path,

@@ -2,6 +2,7 @@
 Training itself is not run here; the shipped model was trained with exactly these arguments."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,30 +18,38 @@ def out(tmp_path, tokenizer_path):
     return folder
 
 
-def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower_rate(tmp_path, out, monkeypatch):
-    datasets, pretrain_calls, rounds = [], [], []
-    monkeypatch.setattr(build_demo, "ensure_dataset", lambda folder, *_: datasets.append(folder))
-    monkeypatch.setattr(build_demo.vision_pretrain, "main", pretrain_calls.append)
+@pytest.fixture
+def build(tmp_path, out, monkeypatch):
+    """Runs build_demo with datasets, encoder pretraining and rounds recorded instead of done; each round returns
+    `train_status`. The result holds the status, the datasets written, the pretraining calls and each round's
+    arguments as a dict."""
 
-    def record_round(argv):
-        args = dict(zip(argv[::2], argv[1::2]))
-        rounds.append((args["--data"], args["--init"], float(args["--image-encoder-lr-scale"]), float(args["--lr"]),
-                       args["--seed"]))
-        return 0
+    def run(args, train_status=0):
+        done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[])
+        monkeypatch.setattr(build_demo, "ensure_dataset", lambda folder, *_: done.datasets.append(folder))
+        monkeypatch.setattr(build_demo.vision_pretrain, "main", done.pretrain_calls.append)
+        monkeypatch.setattr(build_demo.train, "main",
+                            lambda argv: done.rounds.append(dict(zip(argv[::2], argv[1::2]))) or train_status)
+        done.status = build_demo.main(["--out", str(out), "--work", str(tmp_path / "encoder"), *args])
+        return done
 
-    monkeypatch.setattr(build_demo.train, "main", record_round)
-    status = build_demo.main(["--out", str(out), "--data", "first", "--final-data", "final",
-                              "--work", str(tmp_path / "encoder"), "--rounds", "2", "--final-rounds", "1",
-                              "--tuning-rounds", "2", "--polish-rounds", "2", "--lr", "0.002"])
+    return run
 
-    assert status == 0
-    assert datasets == ["first", "final"]
-    assert len(pretrain_calls) == 1
+
+def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower_rate(tmp_path, out, build):
+    done = build(["--data", "first", "--final-data", "final", "--rounds", "2", "--final-rounds", "1",
+                  "--tuning-rounds", "2", "--polish-rounds", "2", "--lr", "0.002"])
+
+    assert done.status == 0
+    assert done.datasets == ["first", "final"]
+    assert len(done.pretrain_calls) == 1
     scale = build_demo.ENCODER_LR_SCALE
     assert 0 < scale < 1
     polish = 0.002 * build_demo.POLISH_LR_SCALE
     assert polish < 0.002
     assert polish * build_demo.POLISH_LR_SCALE < polish
+    rounds = [(r["--data"], r["--init"], float(r["--image-encoder-lr-scale"]), float(r["--lr"]), r["--seed"])
+              for r in done.rounds]
     assert rounds == [
         ("first", str(tmp_path / "encoder"), 0.0, 0.002, "0"),
         ("first", str(out), 0.0, 0.002, "1"),
@@ -52,26 +61,26 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
     ]
 
 
-def test_a_failed_round_stops_the_build(tmp_path, out, monkeypatch):
-    calls = []
-    monkeypatch.setattr(build_demo, "ensure_dataset", lambda *_: None)
-    monkeypatch.setattr(build_demo.vision_pretrain, "main", lambda argv: None)
-    monkeypatch.setattr(build_demo.train, "main", lambda argv: calls.append(argv) or 2)
-
-    assert build_demo.main(["--out", str(out), "--work", str(tmp_path / "encoder")]) == 2
-    assert len(calls) == 1
+def test_the_final_dataset_is_written_only_when_a_round_uses_it(build):
+    done = build(["--data", "first", "--final-data", "final", "--rounds", "1", "--final-rounds", "0",
+                  "--tuning-rounds", "0", "--polish-rounds", "0"])
+    assert done.status == 0
+    assert done.datasets == ["first"]
+    assert [r["--data"] for r in done.rounds] == ["first"]
 
 
-def test_the_default_plan_is_the_shipped_models(tmp_path, out, monkeypatch):
+def test_a_failed_round_stops_the_build(build):
+    done = build([], train_status=2)
+    assert done.status == 2
+    assert len(done.rounds) == 1
+
+
+def test_the_default_plan_is_the_shipped_models(build):
     """Rounds 0-13 with exactly the arguments the shipped model was trained with: 5 + 4 frozen, 4 tuning at lr
     0.001, then a polish round at 0.3 of that."""
-    rounds = []
-    monkeypatch.setattr(build_demo, "ensure_dataset", lambda *_: None)
-    monkeypatch.setattr(build_demo.vision_pretrain, "main", lambda argv: None)
-    monkeypatch.setattr(build_demo.train, "main", lambda argv: rounds.append(dict(zip(argv[::2], argv[1::2]))) or 0)
-
-    assert build_demo.main(["--out", str(out), "--work", str(tmp_path / "encoder")]) == 0
-    plan = [(r["--data"], r["--image-encoder-lr-scale"], r["--lr"], r["--seed"]) for r in rounds]
+    done = build([])
+    assert done.status == 0
+    plan = [(r["--data"], r["--image-encoder-lr-scale"], r["--lr"], r["--seed"]) for r in done.rounds]
     assert plan == ([("data/shapes_det", "0.0", "0.001", str(i)) for i in range(5)]
                     + [("data/shapes_det_final", "0.0", "0.001", str(i)) for i in range(5, 9)]
                     + [("data/shapes_det_final", "0.3", "0.001", str(i)) for i in range(9, 13)]
