@@ -182,12 +182,10 @@ def evaluate_model(
     return figures
 
 
-def missed_targets(figures: dict, names: Sequence[str] = tuple(TARGETS)) -> list[str]:
-    """Human-readable lines for each figure of `names` (all of `TARGETS` by default) that misses its target
-    (or is missing)."""
+def missed_targets(figures: dict) -> list[str]:
+    """Human-readable lines for each figure of `TARGETS` that misses its target (or is missing)."""
     missed = []
-    for name in names:
-        comparison, target = TARGETS[name]
+    for name, (comparison, target) in TARGETS.items():
         value = figures.get(name)
         meets = value is not None and (value >= target if comparison == ">=" else value <= target)
         if not meets:

@@ -21,12 +21,13 @@ def out(tmp_path, tokenizer_path):
 @pytest.fixture
 def build(tmp_path, out, monkeypatch):
     """Runs build_demo with datasets, encoder pretraining and rounds recorded instead of done; each round returns
-    `train_status`. The result holds the status, the datasets written, the pretraining calls and each round's
+    `train_status`. The result holds the status, the datasets written (folder, spec), the pretraining calls and each round's
     arguments as a dict."""
 
     def run(args, train_status=0):
         done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[])
-        monkeypatch.setattr(build_demo, "ensure_dataset", lambda folder, *_: done.datasets.append(folder))
+        monkeypatch.setattr(build_demo, "ensure_dataset",
+                            lambda folder, _scenes, spec, _vqvae: done.datasets.append((folder, spec)))
         monkeypatch.setattr(build_demo.vision_pretrain, "main", done.pretrain_calls.append)
         monkeypatch.setattr(build_demo.train, "main",
                             lambda argv: done.rounds.append(dict(zip(argv[::2], argv[1::2]))) or train_status)
@@ -37,11 +38,13 @@ def build(tmp_path, out, monkeypatch):
 
 
 def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower_rate(tmp_path, out, build):
-    done = build(["--data", "first", "--final-data", "final", "--rounds", "2", "--final-rounds", "1",
-                  "--tuning-rounds", "2", "--polish-rounds", "2", "--lr", "0.002"])
+    done = build(["--data", "first", "--final-data", "final", "--caption-data", "captions", "--rounds", "2",
+                  "--final-rounds", "1", "--tuning-rounds", "2", "--polish-rounds", "2", "--caption-rounds", "1",
+                  "--lr", "0.002"])
 
     assert done.status == 0
-    assert done.datasets == ["first", "final"]
+    assert done.datasets == [("first", build_demo.FIRST_DATA), ("final", build_demo.FINAL_DATA),
+                             ("captions", build_demo.CAPTION_DATA)]
     assert len(done.pretrain_calls) == 1
     scale = build_demo.ENCODER_LR_SCALE
     assert 0 < scale < 1
@@ -58,14 +61,15 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
         ("final", str(out), scale, 0.002, "4"),
         ("final", str(out), scale, polish, "5"),
         ("final", str(out), scale, polish * build_demo.POLISH_LR_SCALE, "6"),
+        ("captions", str(out), scale, polish, "7"),
     ]
 
 
-def test_the_final_dataset_is_written_only_when_a_round_uses_it(build):
-    done = build(["--data", "first", "--final-data", "final", "--rounds", "1", "--final-rounds", "0",
-                  "--tuning-rounds", "0", "--polish-rounds", "0"])
+def test_the_later_datasets_are_written_only_when_a_round_uses_them(build):
+    done = build(["--data", "first", "--final-data", "final", "--caption-data", "captions", "--rounds", "1",
+                  "--final-rounds", "0", "--tuning-rounds", "0", "--polish-rounds", "0", "--caption-rounds", "0"])
     assert done.status == 0
-    assert done.datasets == ["first"]
+    assert done.datasets == [("first", build_demo.FIRST_DATA)]
     assert [r["--data"] for r in done.rounds] == ["first"]
 
 
@@ -76,12 +80,17 @@ def test_a_failed_round_stops_the_build(build):
 
 
 def test_the_default_plan_is_the_shipped_models(build):
-    """Rounds 0-13 with exactly the arguments the shipped model was trained with: 5 + 4 frozen, 4 tuning at lr
-    0.001, then a polish round at 0.3 of that."""
+    """Rounds 0-14 with exactly the arguments the shipped model was trained with: 5 + 4 frozen, 4 tuning at lr
+    0.001, then a polish round and a caption round at 0.3 of that."""
     done = build([])
     assert done.status == 0
+    spec = build_demo.DatasetSpec
+    assert done.datasets == [("data/shapes_det", spec(2, "detect=4,segment=2", 0.8)),
+                             ("data/shapes_det_final", spec(4, "detect=4,segment=2", 0.93)),
+                             ("data/shapes_caption", spec(6, "detect=1,segment=1", 0.93))]
     plan = [(r["--data"], r["--image-encoder-lr-scale"], r["--lr"], r["--seed"]) for r in done.rounds]
     assert plan == ([("data/shapes_det", "0.0", "0.001", str(i)) for i in range(5)]
                     + [("data/shapes_det_final", "0.0", "0.001", str(i)) for i in range(5, 9)]
                     + [("data/shapes_det_final", "0.3", "0.001", str(i)) for i in range(9, 13)]
-                    + [("data/shapes_det_final", "0.3", "0.0003", "13")])
+                    + [("data/shapes_det_final", "0.3", "0.0003", "13")]
+                    + [("data/shapes_caption", "0.3", "0.0003", "14")])

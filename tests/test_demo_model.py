@@ -10,7 +10,7 @@ import postprocess
 from scenes.evaluate import TARGETS, evaluate_model, missed_targets
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
-EVAL_SEED = 20261123  # training used scene seeds 2 (prompts), 3 and 1003 (encoder); these scenes are new
+EVAL_SEED = 20261123  # training used scene seeds 2, 4 and 6 (prompts), 3 and 1003 (encoder); these are new
 NUM_SCENES = 100
 
 
@@ -38,26 +38,13 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
-# The shipped demo model (issue 5 stays open) meets every target but the captions: 0.89 exact on these scenes
-# (0.91 over 700 unseen ones); most of the rest swap two objects whose box centres are under 20 px apart.
-# Strict: once the caption target is met this test fails, and the marker must go.
-NOT_YET = pytest.mark.xfail(reason="demo model's captions miss issue 5's target", strict=True)
-
-
 def test_outputs_are_well_formed(figures):
     """Floors above the targets where the current model holds them, so that a rebuild cannot quietly get worse:
-    boxes and masks as tight as now, and captions no fewer than now."""
+    boxes and masks as tight as now."""
     assert figures["prompts"] >= 5 * NUM_SCENES
     assert figures["detection_box_iou"] >= 0.9 and figures["segmentation_mask_iou"] >= 0.9
-    assert figures["caption_accuracy"] >= 0.85
 
 
-def test_targets_other_than_captions_are_met(figures):
-    names = [name for name in TARGETS if name != "caption_accuracy"]
-    assert not missed_targets(figures, names), missed_targets(figures, names)
-
-
-@NOT_YET
 def test_all_targets_met(figures):
     assert figures["prompts"] >= 5 * NUM_SCENES
     assert not missed_targets(figures), missed_targets(figures)

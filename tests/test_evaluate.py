@@ -137,8 +137,8 @@ def test_silent_model_scores_zero_and_misses_targets():
     missed = evaluate.missed_targets(figures)
     assert any(line.startswith("detection_found") for line in missed)
     assert any(line.startswith("segmentation_mask_iou") for line in missed)
-    assert evaluate.missed_targets(figures, ["detection_extra"]) == []  # no boxes: none extra
-    assert evaluate.missed_targets(figures, ["caption_accuracy"]) == ["caption_accuracy = 0.0 (target >= 0.9)"]
+    assert not any(line.startswith("detection_extra") for line in missed)  # no boxes: none extra
+    assert "caption_accuracy = 0.0 (target >= 0.9)" in missed
 
 
 def test_generate_fn_returning_the_wrong_number_of_texts_is_refused():
