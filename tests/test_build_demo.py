@@ -1,12 +1,16 @@
 """The demo build's round plan: which data each round trains on, whether the encoder learns, its rate and seed.
 Training itself is not run here; the shipped model was trained with exactly these arguments."""
 
+import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from scenes import build_demo
+from scenes import build_demo, generate
 
 
 @pytest.fixture
@@ -21,8 +25,8 @@ def out(tmp_path, tokenizer_path):
 @pytest.fixture
 def build(tmp_path, out, monkeypatch):
     """Runs build_demo with datasets, encoder pretraining and rounds recorded instead of done; each round returns
-    `train_status`. The result holds the status, the datasets written (folder, spec), the pretraining calls and each round's
-    arguments as a dict."""
+    `train_status`. The result holds the status, the datasets written (folder, spec), the pretraining calls and
+    each round's arguments as a dict."""
 
     def run(args, train_status=0):
         done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[])
@@ -94,3 +98,17 @@ def test_the_default_plan_is_the_shipped_models(build):
                     + [("data/shapes_det_final", "0.3", "0.001", str(i)) for i in range(9, 13)]
                     + [("data/shapes_det_final", "0.3", "0.0003", "13")]
                     + [("data/shapes_caption", "0.3", "0.0003", "14")])
+
+
+def test_ensure_dataset_writes_what_its_spec_says_once(tmp_path):
+    folder = tmp_path / "data"
+    only_boxes = build_demo.DatasetSpec(5, "caption=0,detect=1,segment=1,count=0,colour=0,yes_no=0", 1.0)
+    build_demo.ensure_dataset(str(folder), 3, only_boxes, str(Path(build_demo.__file__).parents[1] / "assets/demo"))
+    lines = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert sorted(line["prefix"].split()[0] for line in lines) == ["detect"] * 3 + ["segment"] * 3
+    assert all(line["suffix"] for line in lines)  # positive rate 1: every prompt names a present object
+    image = np.asarray(Image.open(folder / "images" / "000001.png"))
+    np.testing.assert_array_equal(image, generate.scene_for(5, 1).image)
+    (folder / "images" / "000000.png").unlink()
+    build_demo.ensure_dataset(str(folder), 3, build_demo.FIRST_DATA, "no VQ-VAE needed: nothing is written")
+    assert not (folder / "images" / "000000.png").exists()
