@@ -1,6 +1,6 @@
 """Full-size PaliGemma-3B-224 with random weights: load time, peak memory, compile, prefill and decode.
 
-    python bench/checkpoint_3b.py [--dir /tmp/paligemma-3b-224] [--decode-tokens 16]
+    python -m bench.checkpoint_3b [--dir /tmp/paligemma-3b-224] [--decode-tokens 16]    # from the repository root
 
 Writes the checkpoint once in each published format (a transformers `save_pretrained` folder, a big_vision
 .npz in float32 and in bfloat16) and then measures each (format, dtype) in a fresh process, so peak RSS is
@@ -16,16 +16,11 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.memory import peak_rss_gib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE = [sys.executable, "-m", "bench.checkpoint_3b"]  # the measured subprocesses, run from ROOT
 CASES = [("npz-f32", "float32"), ("npz-bf16", "bfloat16"), ("hf", "float32"), ("hf", "bfloat16")]
-
-
-def _peak_rss_gib() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's peak across exec)."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib / 2**20
 
 
 def write_checkpoints(folder: str) -> None:
@@ -35,36 +30,57 @@ def write_checkpoints(folder: str) -> None:
         import torch
         from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-        from paligemma.tokenizer import train_tokenizer
+        import paligemma
 
         torch.manual_seed(0)
         config = PaliGemmaConfig(
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                               num_hidden_layers=27, num_attention_heads=16, patch_size=14, image_size=224,
-                               vision_use_head=False, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-            text_config=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-                             num_attention_heads=8, num_key_value_heads=1, head_dim=256, vocab_size=257216,
-                             hidden_activation="gelu_pytorch_tanh"),
-            image_token_index=257152, vocab_size=257216, projection_dim=2048, hidden_size=2048)
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_hidden_layers=27,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=224,
+                vision_use_head=False,
+                hidden_act="gelu_pytorch_tanh",
+                layer_norm_eps=1e-6,
+            ),
+            text_config=dict(
+                model_type="gemma",
+                hidden_size=2048,
+                intermediate_size=16384,
+                num_hidden_layers=18,
+                num_attention_heads=8,
+                num_key_value_heads=1,
+                head_dim=256,
+                vocab_size=257216,
+                hidden_activation="gelu_pytorch_tanh",
+            ),
+            image_token_index=257152,
+            vocab_size=257216,
+            projection_dim=2048,
+            hidden_size=2048,
+        )
         model = PaliGemmaForConditionalGeneration(config)
         model.save_pretrained(hf_dir, max_shard_size="4GB")
         del model
-        train_tokenizer(["caption en", "detect cat", "a cat on a mat"] * 50, os.path.join(hf_dir, "tokenizer"),
-                        text_pieces=64)
+        texts = ["caption en", "detect cat", "a cat on a mat"] * 50
+        paligemma.train_tokenizer(texts, os.path.join(hf_dir, "tokenizer"), text_pieces=64)
     for name, dtype in (("npz-f32", "float32"), ("npz-bf16", "bfloat16")):
         target = os.path.join(folder, name)
         if not os.path.isdir(target):
-            subprocess.run([sys.executable, __file__, "--write-npz", hf_dir, target, dtype], check=True)
+            subprocess.run([*MODULE, "--write-npz", hf_dir, target, dtype], check=True, cwd=ROOT)
 
 
 def _write_npz(hf_dir: str, target: str, dtype: str) -> None:
     import shutil
 
-    from paligemma import checkpoint
+    import paligemma
 
-    params, _ = checkpoint.load_params(hf_dir, dtype)
+    params, _ = paligemma.load_params(hf_dir, dtype)
     os.makedirs(target)
-    checkpoint.save_npz(os.path.join(target, "model.npz"), params)
+    paligemma.save_npz(os.path.join(target, "model.npz"), params)
     shutil.copy(os.path.join(hf_dir, "tokenizer.model"), target)
 
 
@@ -74,10 +90,11 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
 
     import paligemma
 
+    paligemma.enable_compile_cache()  # as the app and the CLI do
     start = time.perf_counter()
     model = paligemma.load(source, dtype=dtype)
     load_s = time.perf_counter() - start
-    load_rss = _peak_rss_gib()
+    load_rss = peak_rss_gib()
     image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
     start = time.perf_counter()
     list(model.run([image], ["caption en"], max_new_tokens=decode_tokens))
@@ -87,12 +104,15 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
     warm_request_s = time.perf_counter() - start
     weights = sum(x.nbytes for x in jax.tree.leaves(model.params))
     return {
-        "load_s": round(load_s, 1), "peak_rss_after_load_gib": round(load_rss, 2),
-        "weights_gib": round(weights / 2**30, 2), "first_request_s": round(first_request_s, 1),
+        "load_s": round(load_s, 1),
+        "peak_rss_after_load_gib": round(load_rss, 2),
+        "weights_gib": round(weights / 2**30, 2),
+        "first_request_s": round(first_request_s, 1),
         "compile_s": round(first_request_s - warm_request_s, 1),
         "prefill_s": round(warm.timing.prefill_s, 2),
         "decode_ms_per_token": round(1000 * warm.timing.decode_s / max(warm.timing.new_tokens - 1, 1), 1),
-        "new_tokens": warm.timing.new_tokens, "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "new_tokens": warm.timing.new_tokens,
+        "peak_rss_gib": round(peak_rss_gib(), 2),
     }
 
 
@@ -110,8 +130,13 @@ def main() -> None:
     write_checkpoints(args.dir)
     rows = []
     for name, dtype in CASES:
-        out = subprocess.run([sys.executable, __file__, "--measure", os.path.join(args.dir, name), dtype,
-                              str(args.decode_tokens)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [*MODULE, "--measure", os.path.join(args.dir, name), dtype, str(args.decode_tokens)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         row = {"format": name, "dtype": dtype, **json.loads(out.stdout.strip().splitlines()[-1])}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -1,6 +1,6 @@
 """Our JAX PaliGemma against Hugging Face transformers on the very same weights, in the same run.
 
-    python bench/generate.py --config {tiny,demo,mid,3b-224} [--dir /tmp/paligemma-bench] [--threads N]
+    python -m bench.generate --config {tiny,demo,mid,3b-224} [--dir /tmp/paligemma-bench] [--threads N]
 
 For each framework and batch size (1 and 4) a fresh process loads the model and measures: checkpoint load
 time, the first request (our compilation included), time to first token (image encoder + prefill, up to the
@@ -13,7 +13,7 @@ per token) ÷ bandwidth. Prints one JSON line per case and a table of ratios aga
 Configs: `tiny` (smoke test, seconds), `demo` (assets/demo, or its config with random weights), `mid`
 (~167 M params with the full 257 k vocabulary), `3b-224` (PaliGemma-3B-224's shapes, 2.9 B params, random
 weights, written once under --dir and reused). Weights are written once as our .npz and exported from it as
-a transformers folder (paligemma.hf_export), so both frameworks read identical tensors. Both decode exactly
+a transformers folder (paligemma.export_hf), so both frameworks read identical tensors. Both decode exactly
 `--new-tokens` tokens (no early stop at EOS) greedily over the whole vocabulary, and the greedy tokens of
 the two are compared as a check that they run the same model.
 """
@@ -29,8 +29,10 @@ import subprocess
 import sys
 import time
 
+from bench.memory import peak_rss_gib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+MODULE = [sys.executable, "-m", "bench.generate"]  # the subprocesses that write and measure, run from ROOT
 DEMO = os.path.join(ROOT, "assets", "demo")
 TOKENIZER = os.path.join(DEMO, "tokenizer.model")
 PROMPT = "caption en"
@@ -42,28 +44,34 @@ BATCHES = (1, 4)
 
 
 def model_config(name: str, vocab: int):
-    from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
-    from paligemma.train import demo_config, tiny_config
+    import paligemma
 
     if name == "tiny":
-        return tiny_config(vocab)
+        return paligemma.tiny_config(vocab)
     if name == "demo":
-        return demo_config(vocab)
+        return paligemma.demo_config(vocab)
     if name == "mid":  # 132 M of its 167 M params are the 257 k × 512 embedding table, as in the real models
-        return PaliGemmaConfig(
-            VisionConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch_size=14, image_size=224),
-            TextConfig(vocab_size=257152, width=512, depth=4, mlp_dim=4096, num_heads=8, num_kv_heads=1,
-                       head_dim=64, query_scale=64**-0.5))
+        return paligemma.PaliGemmaConfig(
+            paligemma.VisionConfig(width=384, depth=4, mlp_dim=1536, num_heads=6, patch_size=14, image_size=224),
+            paligemma.TextConfig(
+                vocab_size=257152,
+                width=512,
+                depth=4,
+                mlp_dim=4096,
+                num_heads=8,
+                num_kv_heads=1,
+                head_dim=64,
+                query_scale=64**-0.5,
+            ),
+        )
     if name == "3b-224":
-        return PaliGemmaConfig(VisionConfig(), TextConfig())  # the defaults are PaliGemma-3B-224
+        return paligemma.PaliGemmaConfig(paligemma.VisionConfig(), paligemma.TextConfig())  # PaliGemma-3B-224
     raise ValueError(f"unknown config {name!r}; accepted: tiny, demo, mid, 3b-224")
 
 
 def _write_weights(name: str, folder: str) -> None:
     """ours/model.npz (+ tokenizer) and hf/ (transformers) with the same tensors; runs in its own process."""
-    from paligemma import checkpoint, hf_export
-    from paligemma.params import init_params
-    from paligemma.tokenizer import Tokenizer
+    import paligemma
 
     ours = os.path.join(folder, "ours")
     os.makedirs(ours, exist_ok=True)
@@ -71,12 +79,12 @@ def _write_weights(name: str, folder: str) -> None:
     trained = os.path.join(DEMO, "model.npz")
     if name == "demo" and os.path.isfile(trained):
         shutil.copy(trained, os.path.join(ours, "model.npz"))  # a snapshot: the demo may be training right now
-        params, cfg = checkpoint.load_params(os.path.join(ours, "model.npz"), "float32")
+        params, cfg = paligemma.load_params(os.path.join(ours, "model.npz"), "float32")
     else:
-        cfg = model_config(name, Tokenizer(TOKENIZER).vocab_size)
-        params = init_params(cfg, seed=0, std=0.02)
-        checkpoint.save_npz(os.path.join(ours, "model.npz"), params)
-    hf_export.export(params, cfg, os.path.join(folder, "hf"), TOKENIZER, max_shard_bytes=2**30)
+        cfg = model_config(name, paligemma.Tokenizer(TOKENIZER).vocab_size)
+        params = paligemma.init_params(cfg, seed=0, std=0.02)
+        paligemma.save_npz(os.path.join(ours, "model.npz"), params)
+    paligemma.export_hf(params, cfg, os.path.join(folder, "hf"), TOKENIZER, max_shard_bytes=2**30)
 
 
 def prepare(name: str, root: str, rewrite: bool) -> str:
@@ -84,7 +92,7 @@ def prepare(name: str, root: str, rewrite: bool) -> str:
     if rewrite or not os.path.isfile(os.path.join(folder, "hf", "config.json")):
         shutil.rmtree(folder, ignore_errors=True)
         print(f"writing {name} weights to {folder} …", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, __file__, "--write", name, folder], check=True)
+        subprocess.run([*MODULE, "--write", name, folder], check=True, cwd=ROOT)
     return folder
 
 
@@ -92,9 +100,9 @@ def write_inputs(folder: str, image_size: int) -> str:
     """Four random images in [-1, 1] and the prompt ids, shared by both frameworks."""
     import numpy as np
 
-    from paligemma.tokenizer import Tokenizer
+    import paligemma
 
-    tok = Tokenizer(TOKENIZER)
+    tok = paligemma.Tokenizer(TOKENIZER)
     path = os.path.join(folder, "inputs.npz")
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, (max(BATCHES), image_size, image_size, 3)).astype(np.float32)
@@ -134,13 +142,6 @@ def _pin_threads(threads: int) -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
 
-def _peak_rss_gib() -> float:
-    """This process's own peak RSS (VmHWM; getrusage's ru_maxrss would include the parent's before exec)."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib / 2**20
-
-
 # ---------------------------------------------------------------- one measured process per case
 
 
@@ -149,24 +150,21 @@ def measure_ours(folder: str, batch: int, new_tokens: int, repeats: int) -> dict
     import numpy as np
 
     import paligemma
-    from paligemma.generate import Generator
-    from paligemma.samplers import Sampler
 
+    paligemma.enable_compile_cache()  # PALIGEMMA_COMPILE_CACHE names the run's folder; ours-restart reads it back
     inputs = np.load(os.path.join(folder, "inputs.npz"))
     start = time.perf_counter()
     model = paligemma.load(os.path.join(folder, "ours"), dtype="float32")
     load_s = time.perf_counter() - start
-    rss_after_load = _peak_rss_gib()
+    rss_after_load = peak_rss_gib()
     vocab = model.config.text.vocab_size
     # eos -1: never stops early, so both frameworks decode the same number of tokens
-    generator = Generator(model.params, model.config, valid_vocab=vocab, eos_id=-1, pad_id=0)
+    generator = paligemma.Generator(model.params, model.config, valid_vocab=vocab, eos_id=-1, pad_id=0)
     pixels = inputs["pixels"][:batch]
 
     def request(prompt: str):
         start = time.perf_counter()
-        tokens, timing = None, None
-        for tokens, timing in generator.run(pixels, [list(inputs[prompt])] * batch, new_tokens, Sampler(), 0):
-            pass
+        *_, (tokens, timing) = generator.run(pixels, [list(inputs[prompt])] * batch, new_tokens, paligemma.Sampler(), 0)
         return time.perf_counter() - start, tokens, timing
 
     first_s, _, _ = request(PROMPT)
@@ -176,13 +174,18 @@ def measure_ours(folder: str, batch: int, new_tokens: int, repeats: int) -> dict
         request(prompt)
     decode_ms = statistics.median(1000 * t.decode_s / (t.new_tokens - 1) for _, _, t in warm)
     return {
-        "load_s": load_s, "first_request_s": first_s, "warm_request_s": statistics.median(s for s, _, _ in warm),
-        "ttft_s": statistics.median(t.prefill_s for _, _, t in warm), "decode_ms_per_token": decode_ms,
-        "tokens_per_s": batch * 1000 / decode_ms, "new_tokens": warm[0][2].new_tokens,
+        "load_s": load_s,
+        "first_request_s": first_s,
+        "warm_request_s": statistics.median(s for s, _, _ in warm),
+        "ttft_s": statistics.median(t.prefill_s for _, _, t in warm),
+        "decode_ms_per_token": decode_ms,
+        "tokens_per_s": batch * 1000 / decode_ms,
+        "new_tokens": warm[0][2].new_tokens,
         "recompiles_for_other_prompt_lengths": generator.compile_count - compiles,
         "decode_weight_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params["llm"])),
         "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
-        "peak_rss_after_load_gib": rss_after_load, "tokens": warm[0][1][0].tolist(),
+        "peak_rss_after_load_gib": rss_after_load,
+        "tokens": warm[0][1][0].tolist(),
     }
 
 
@@ -196,26 +199,35 @@ def measure_theirs(folder: str, batch: int, new_tokens: int, repeats: int, threa
     start = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(os.path.join(folder, "hf"), dtype=torch.float32).eval()
     load_s = time.perf_counter() - start
-    rss_after_load = _peak_rss_gib()
+    rss_after_load = peak_rss_gib()
     image_tokens = [model.config.image_token_id] * model.config.text_config.num_image_tokens
     ids = torch.tensor([image_tokens + inputs[PROMPT].tolist()] * batch)
-    feed = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
-                pixel_values=torch.from_numpy(inputs["pixels"][:batch].transpose(0, 3, 1, 2).copy()))
+    feed = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        token_type_ids=torch.zeros_like(ids),
+        pixel_values=torch.from_numpy(inputs["pixels"][:batch].transpose(0, 3, 1, 2).copy()),
+    )
 
     def generate(n: int):
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**feed, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start, out[:, ids.shape[1]:]
+        return time.perf_counter() - start, out[:, ids.shape[1] :]
 
     first_s, _ = generate(new_tokens)
     ttft = [generate(1)[0] for _ in range(repeats)]
     full = [generate(new_tokens) for _ in range(repeats)]
     decode_ms = 1000 * (statistics.median(s for s, _ in full) - statistics.median(ttft)) / (new_tokens - 1)
     return {
-        "load_s": load_s, "first_request_s": first_s, "warm_request_s": statistics.median(s for s, _ in full),
-        "ttft_s": statistics.median(ttft), "decode_ms_per_token": decode_ms, "tokens_per_s": batch * 1000 / decode_ms,
-        "new_tokens": int(full[0][1].shape[1]), "peak_rss_after_load_gib": rss_after_load,
+        "load_s": load_s,
+        "first_request_s": first_s,
+        "warm_request_s": statistics.median(s for s, _ in full),
+        "ttft_s": statistics.median(ttft),
+        "decode_ms_per_token": decode_ms,
+        "tokens_per_s": batch * 1000 / decode_ms,
+        "new_tokens": int(full[0][1].shape[1]),
+        "peak_rss_after_load_gib": rss_after_load,
         "tokens": full[0][1][0].tolist(),
     }
 
@@ -227,7 +239,7 @@ def _measure_main(argv: list[str]) -> None:
         row = measure_ours(folder, int(batch), int(new_tokens), int(repeats))
     else:
         row = measure_theirs(folder, int(batch), int(new_tokens), int(repeats), int(threads))
-    row["peak_rss_gib"] = _peak_rss_gib()
+    row["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(row))
 
 
@@ -235,9 +247,17 @@ def _measure_main(argv: list[str]) -> None:
 
 
 def _run_case(framework: str, folder: str, batch: int, args, env: dict) -> dict:
-    command = [sys.executable, __file__, "--measure", framework, folder, str(batch), str(args.new_tokens),
-               str(args.repeats), str(args.threads)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    command = [
+        *MODULE,
+        "--measure",
+        framework,
+        folder,
+        str(batch),
+        str(args.new_tokens),
+        str(args.repeats),
+        str(args.threads),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -253,13 +273,16 @@ def ratios(rows: dict, bandwidth: dict) -> dict:
         "ttft_speedup_b1": theirs1["ttft_s"] / ours1["ttft_s"],
     }
     for b in BATCHES:
-        out[f"decode_speedup_b{b}"] = rows[("ours", b)]["tokens_per_s"] / rows[("transformers", b)]["tokens_per_s"]
-        out[f"peak_rss_ours_over_theirs_b{b}"] = rows[("ours", b)]["peak_rss_gib"] / rows[("transformers", b)]["peak_rss_gib"]
+        ours, theirs = rows[("ours", b)], rows[("transformers", b)]
+        out[f"decode_speedup_b{b}"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        out[f"peak_rss_ours_over_theirs_b{b}"] = ours["peak_rss_gib"] / theirs["peak_rss_gib"]
     out["ttft_speedup_b4"] = rows[("transformers", 4)]["ttft_s"] / rows[("ours", 4)]["ttft_s"]
     seconds_per_token = ours1["decode_ms_per_token"] / 1000
     out["bandwidth_share_b1"] = ours1["decode_weight_bytes"] / seconds_per_token / (bandwidth["bound_gbs"] * 1e9)
-    out["restart_first_over_warm_request"] = rows[("ours-restart", 1)]["first_request_s"] / rows[("ours-restart", 1)]["warm_request_s"]
-    out["recompiles_for_other_prompt_lengths"] = max(rows[("ours", b)]["recompiles_for_other_prompt_lengths"] for b in BATCHES)
+    restart = rows[("ours-restart", 1)]
+    out["restart_first_over_warm_request"] = restart["first_request_s"] / restart["warm_request_s"]
+    recompiles = (rows[("ours", b)]["recompiles_for_other_prompt_lengths"] for b in BATCHES)
+    out["recompiles_for_other_prompt_lengths"] = max(recompiles)
     out["peak_rss_after_load_over_weight_bytes"] = ours1["peak_rss_after_load_gib"] * 2**30 / ours1["weight_bytes"]
     out["greedy_tokens_equal_b1"] = f"{_common_prefix(ours1['tokens'], theirs1['tokens'])}/{len(ours1['tokens'])}"
     return out
@@ -300,8 +323,18 @@ def main() -> None:
     folder = prepare(args.config, args.dir, args.rewrite)
     write_inputs(folder, _image_size(folder))
     bandwidth = memory_bandwidth_gbs(args.bandwidth_gib)
-    print(json.dumps({"config": args.config, "threads": args.threads, "new_tokens": args.new_tokens,
-                      "repeats": args.repeats, "memory_bandwidth": bandwidth}), flush=True)
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "threads": args.threads,
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "memory_bandwidth": bandwidth,
+            }
+        ),
+        flush=True,
+    )
     cache = os.path.join(folder, "jax-cache")
     shutil.rmtree(cache, ignore_errors=True)  # the first request of the first process compiles
     env = {**os.environ, "PALIGEMMA_COMPILE_CACHE": cache}

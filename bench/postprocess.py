@@ -1,7 +1,6 @@
 """Time parse + mask decode + placement + drawing for 10 masks on a 1024×768 image.
 
-Run from the repository root:  python -m bench.postprocess [--repeats 20] [--vqvae assets/vae-oid.npz]
-(or python bench/postprocess.py)
+Run from the repository root:  python -m bench.postprocess [--repeats 20] [--vqvae assets/demo/vae-oid.npz]
 Without a checkpoint the decoder has random weights of the published size (D = 512):
 the time does not depend on the values.
 """
@@ -10,19 +9,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
-
-if not __package__:  # run as a file, this file's folder comes first and its name would shadow the package
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 import numpy as np
 from PIL import Image
 
 import postprocess
-from postprocess.vqvae import mask_to_image
 
 WIDTH, HEIGHT, NUM_OBJECTS = 1024, 768, 10
 LABELS = ("cat", "dog", "person", "car", "traffic light")
@@ -52,7 +46,7 @@ def timed(function, repeats: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--vqvae", type=Path, default=Path("assets/vae-oid.npz"))
+    parser.add_argument("--vqvae", type=Path, default=Path("assets/demo/vae-oid.npz"))
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -70,7 +64,11 @@ def main() -> None:
     first_decode_ms = (time.perf_counter() - start) * 1e3
     decode_ms, masks = timed(lambda: decoder(codes), args.repeats)
     boxes = [obj.box for obj in postprocess.objects(pieces)]
-    place_ms, _ = timed(lambda: [mask_to_image(m, b, WIDTH, HEIGHT) for m, b in zip(masks, boxes)], args.repeats)
+
+    def place():
+        return [postprocess.mask_to_image(m, b, WIDTH, HEIGHT) for m, b in zip(masks, boxes)]
+
+    place_ms, _ = timed(place, args.repeats)
     with_masks = decoder.attach_masks(pieces, WIDTH, HEIGHT)
     draw_ms, _ = timed(lambda: postprocess.draw_annotations(image, with_masks), args.repeats)
     json_ms, _ = timed(lambda: postprocess.to_json(with_masks, WIDTH, HEIGHT), args.repeats)

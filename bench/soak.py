@@ -1,9 +1,9 @@
 """Soak the app: N gradio_client clients at once send a fixed number of mixed requests to the demo model.
 
-    python bench/soak.py --clients 1 --requests 40
-    python bench/soak.py --clients 4 --requests 40     # same work; concurrent runs share generate calls
+    python -m bench.soak --clients 1 --requests 40
+    python -m bench.soak --clients 4 --requests 40     # same work; concurrent runs share generate calls
 
-Starts `python app.py` on a free loopback port (tests/app_fixtures.app_process), sends `--warmup` requests
+Starts `python app.py` on a free loopback port (playground.app_process), sends `--warmup` requests
 that are not counted (the model loads and compiles the batch shapes the clients will form), then the
 measured ones: the gallery's caption, describe, OCR, answer, question, detect and segment examples in
 turn, greedy, each client sending its next request when its last one is answered. Prints one JSON line:
@@ -23,15 +23,12 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+from gradio_client import Client, handle_file
 
-from app_fixtures import app_process  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-
-from playground import prompts  # noqa: E402
-from playground.registry import DEMO_NAME  # noqa: E402
-from playground.requests import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+from playground import prompts
+from playground.app_process import REPO, app_process
+from playground.registry import DEMO_NAME
+from playground.requests import DEFAULT_MAX_NEW_TOKENS
 
 EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 
@@ -47,10 +44,14 @@ def soak(url: str, clients: int, total: int, max_new_tokens: int) -> list[dict]:
             example = examples[n % len(examples)]
             sent = time.monotonic()
             try:
-                *_, timing = client.predict(handle_file(example.image), example.prompt, DEMO_NAME, "greedy",
-                                            max_new_tokens, api_name="/run")
-                record = {"latency_s": time.monotonic() - sent, "batch_size": timing["batch_size"],
-                          "compiled": timing["compiled"]}
+                *_, timing = client.predict(
+                    handle_file(example.image), example.prompt, DEMO_NAME, "greedy", max_new_tokens, api_name="/run"
+                )
+                record = {
+                    "latency_s": time.monotonic() - sent,
+                    "batch_size": timing["batch_size"],
+                    "compiled": timing["compiled"],
+                }
             except Exception as err:  # counted, and the soak goes on
                 record = {"error": f"{type(err).__name__}: {err}"}
             with lock:
@@ -69,8 +70,11 @@ def summary(records: list[dict], clients: int, wall_s: float) -> dict:
     latencies = sorted(r["latency_s"] for r in answered)
     cuts = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
     return {
-        "clients": clients, "requests": len(records), "errors": len(records) - len(answered),
-        "wall_s": round(wall_s, 2), "requests_per_s": round(len(answered) / wall_s, 3),
+        "clients": clients,
+        "requests": len(records),
+        "errors": len(records) - len(answered),
+        "wall_s": round(wall_s, 2),
+        "requests_per_s": round(len(answered) / wall_s, 3),
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p95_s": round(cuts[18], 3) if latencies else None,
         "mean_batch_size": round(statistics.mean(r["batch_size"] for r in answered), 2) if answered else None,

@@ -1,14 +1,14 @@
 """PaliGemma 1 and 2 in JAX: `paligemma.load(source)` gives a Model that generates text for an image.
 
-    model = paligemma.load("assets/demo")
-    model.generate(image, "detect red circle")          # '<loc0123><loc0045><loc0456><loc0321> red circle'
-    for text in model.stream(image, "caption en"): ...  # text so far, chunk by chunk
+model = paligemma.load("assets/demo")
+model.generate(image, "detect red circle")          # '<loc0123><loc0045><loc0456><loc0321> red circle'
+for text in model.stream(image, "caption en"): ...  # text so far, chunk by chunk
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import importlib
 import os
 from collections.abc import Iterator, Sequence
 
@@ -16,20 +16,73 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, hub, sharding
-from .config import CheckpointError, PaliGemmaConfig
-from .generate import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, Generator, Timing
+from . import checkpoint, companions, hub, memory_fit, quantize, sharding
+from .checkpoint import load_params, save_npz
+from .companions import MASK_DECODER_NAME, NOT_WEIGHTS, TOKENIZER_NAMES, CompanionMissing
+from .compile_cache import enable as enable_compile_cache
+from .config import CheckpointError, PaliGemmaConfig, TextConfig, VisionConfig, demo_config, tiny_config
+from .devices import default_dtype
+from .generate import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, PROMPT_BUCKETS, SCORE_KEYS, Generator, Timing, TokenScores
+from .hf_export import export as export_hf
+from .hub import cli_progress, is_repo_id
+from .hub import is_kaggle as is_kaggle_source
+from .hub import resolve as resolve_source
+from .memory_fit import DoesNotFit, Estimate, Requirements, describe_fit, estimate_for_repo, requirements
+from .memory_fit import free_bytes as free_memory
 from .params import count as count_params
-from .preprocess import ImageError, preprocess
-from .samplers import SamplerError, parse_sampler
-from .tokenizer import Tokenizer
+from .params import init_params
+from .preprocess import ACCEPTED, FORMATS, ImageError, open_image, preprocess, to_rgb
+from .samplers import Sampler, SamplerError, parse_sampler
+from .tokenizer import NUM_LOC, NUM_SEG, SEG_TOKENS_PER_MASK, Tokenizer, train_tokenizer
 
-__all__ = ["load", "Model", "Result", "CheckpointError", "ImageError", "SamplerError", "PaliGemmaConfig"]
+__all__ = [
+    # loading and running a model
+    "load", "Model", "Result", "Timing", "TokenScores", "DTYPES", "DTYPE_NAMES", "MAX_NEW_TOKENS",
+    "MAX_PROMPT_TOKENS", "PROMPT_BUCKETS", "Sampler", "parse_sampler", "MAX_SEED", "is_out_of_memory",
+    "enable_compile_cache",
+    # bad input, each a ValueError
+    "CheckpointError", "ImageError", "SamplerError",
+    # images
+    "open_image", "to_rgb", "ACCEPTED", "FORMATS",
+    # files of a checkpoint folder, and where a model comes from
+    "MASK_DECODER_NAME", "TOKENIZER_NAMES", "NOT_WEIGHTS", "is_repo_id", "is_kaggle_source", "resolve_source",
+    "CompanionMissing", "cli_progress",
+    # fit before fetch: sizes of a source, and this machine's free memory
+    "DoesNotFit", "Estimate", "Requirements", "requirements", "estimate_for_repo", "describe_fit", "free_memory",
+    # the loc/seg vocabulary
+    "NUM_LOC", "NUM_SEG", "SEG_TOKENS_PER_MASK", "Tokenizer", "train_tokenizer",
+    # building, saving and benchmarking models
+    "PaliGemmaConfig", "TextConfig", "VisionConfig", "demo_config", "tiny_config", "init_params", "count_params",
+    "load_params", "save_npz", "export_hf", "Generator",
+    # scoring a model on an uploaded data set (loaded on first use, see __getattr__)
+    "evaluate_zip", "write_eval_report", "MAX_ZIP_BYTES", "MAX_ZIP_IMAGES",
+]  # fmt: skip
+# paligemma.evaluate imports postprocess, which imports paligemma: these names load on first use, not here.
+_LAZY = {
+    "evaluate_zip": ("evaluate", "evaluate_zip"),
+    "MAX_ZIP_BYTES": ("evaluate", "MAX_ZIP_BYTES"),
+    "MAX_ZIP_IMAGES": ("evaluate", "MAX_ZIP_IMAGES"),
+    "write_eval_report": ("eval_report", "write"),
+}
 
-_TOKENIZER_NAMES = ("tokenizer.model", "paligemma_tokenizer.model")
-_MASK_DECODER_NAME = "vae-oid.npz"
-_NOT_WEIGHTS = {_MASK_DECODER_NAME, "vqvae-encoder.npz"}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+def __getattr__(name: str):
+    """The evaluator's names, imported on first use: it needs `postprocess`, which imports this package."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    return getattr(importlib.import_module(f".{module}", __name__), attribute)
+
+
+MAX_SEED = 2**63 - 1  # the largest seed jax.random.key takes
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # load(dtype=NAME)
+INT8 = "int8"  # load(dtype="int8"): decoder matrices int8 with per-channel scales (quantize.py), the rest float
+DTYPE_NAMES = (*DTYPES, INT8)  # every dtype name load() accepts
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` means the host or the accelerator ran out of memory (XLA says RESOURCE_EXHAUSTED)."""
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
 
 
 @dataclasses.dataclass
@@ -37,16 +90,27 @@ class Result:
     texts: list[str]
     token_ids: list[list[int]]
     timing: Timing
+    scores: list[TokenScores] | None = None  # per row, when run(..., return_scores=True)
 
 
 class Model:
     """Params on the device, the tokenizer, and compiled generation functions reused across requests."""
 
-    def __init__(self, params, config: PaliGemmaConfig, tokenizer: Tokenizer, source: str = "",
-                 mask_decoder_path: str | None = None):
+    mask_decoder_note: str | None = None  # why mask_decoder_path is None (load sets it), for the page and the CLI
+
+    def __init__(
+        self,
+        params,
+        config: PaliGemmaConfig,
+        tokenizer: Tokenizer,
+        source: str = "",
+        mask_decoder_path: str | None = None,
+    ):
         if tokenizer.vocab_size > config.text.vocab_size:
             raise CheckpointError(
-                f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {config.text.vocab_size} embeddings")
+                f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                f"{config.text.vocab_size} embeddings"
+            )
         self.params, self.config, self.tokenizer, self.source = params, config, tokenizer, source
         self.mask_decoder_path = mask_decoder_path
         self._generator = Generator(params, config, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id)
@@ -64,9 +128,21 @@ class Model:
         return self._generator.compile_count
 
     def info(self) -> dict:
-        return {"name": self.config.describe(), "resolution": self.config.image_size,
-                "parameters": count_params(self.params), "dtype": jnp.dtype(self.dtype).name,
-                "device": self.device, "source": self.source}
+        return {
+            "name": self.config.describe(),
+            "resolution": self.config.image_size,
+            "parameters": count_params(self.params),
+            "dtype": self.dtype_name,
+            "device": self.device,
+            "source": self.source,
+        }
+
+    @property
+    def dtype_name(self) -> str:
+        """'int8' for quantised decoder matrices, else the weights' float dtype, e.g. 'float32'."""
+        return (
+            INT8 if quantize.is_quantized(self.params["llm"]["layers"]["mlp"]["linear"]) else jnp.dtype(self.dtype).name
+        )
 
     @property
     def device(self) -> str:
@@ -80,36 +156,60 @@ class Model:
             raise ValueError(f"the prompt must be text, got {type(prompt).__name__}")
         ids = self.tokenizer.encode_prompt(prompt)
         if len(ids) > MAX_PROMPT_TOKENS:
-            raise ValueError(f"the prompt is {len(ids) - 2} tokens long; this model takes at most "
-                             f"{MAX_PROMPT_TOKENS - 2} prompt tokens. Shorten it.")
+            raise ValueError(
+                f"the prompt is {len(ids) - 2} tokens long; this model takes at most "
+                f"{MAX_PROMPT_TOKENS - 2} prompt tokens. Shorten it."
+            )
         return ids
 
-    def run(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 64, sampler="greedy",
-            seed: int = 0, chunk: int | None = None) -> Iterator[Result]:
-        """The engine under generate/stream: yields Results for a batch as tokens arrive."""
+    def run(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        sampler="greedy",
+        seed: int = 0,
+        chunk: int | None = None,
+        return_scores: bool = False,
+    ) -> Iterator[Result]:
+        """The engine under generate/stream: yields Results for a batch as tokens arrive (for beam(N), once at
+        the end). return_scores: each Result also carries every token's log-probability and top alternatives
+        (runs a separately compiled variant; without it, generation is exactly as before)."""
         if len(images) != len(prompts) or not prompts:
             raise ValueError(f"need one prompt per image, got {len(images)} images and {len(prompts)} prompts")
         if not isinstance(max_new_tokens, int | np.integer) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
-        if not isinstance(seed, int | np.integer):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
         parsed = parse_sampler(sampler)
         ids = [self.encode_prompt(p) for p in prompts]
         pixels = np.stack([preprocess(im, self.config.image_size) for im in images])
-        for tokens, timing in self._generator.run(pixels, ids, int(max_new_tokens), parsed, int(seed), chunk):
-            rows = [_until_eos(row, self.tokenizer.eos_id) for row in tokens.tolist()]
-            yield Result([self.tokenizer.decode(r) for r in rows], rows, timing)
+        for tokens, timing, *scored in self._generator.run(
+            pixels, ids, int(max_new_tokens), parsed, int(seed), chunk, scores=return_scores
+        ):
+            rows = [self.tokenizer.until_eos(row) for row in tokens.tolist()]
+            scores = None
+            if scored:
+                arrays = scored[0]
+                scores = [
+                    TokenScores(row, *(arrays[name][i, : len(row)] for name in SCORE_KEYS))
+                    for i, row in enumerate(rows)
+                ]
+            yield Result([self.tokenizer.decode(r) for r in rows], rows, timing, scores)
 
-    def generate_batch(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 64,
-                       sampler="greedy", seed: int = 0) -> list[str]:
-        return _last(self.run(images, prompts, max_new_tokens, sampler, seed)).texts
+    def generate_batch(
+        self, images: Sequence, prompts: Sequence[str], max_new_tokens: int = 64, sampler="greedy", seed: int = 0
+    ) -> list[str]:
+        *_, last = self.run(images, prompts, max_new_tokens, sampler, seed)
+        return last.texts
 
     def generate(self, image, prompt: str, max_new_tokens: int = 64, sampler="greedy", seed: int = 0) -> str:
         """The generated suffix, loc/seg tokens kept as text, without EOS or the prompt."""
         return self.generate_batch([image], [prompt], max_new_tokens, sampler, seed)[0]
 
-    def stream(self, image, prompt: str, max_new_tokens: int = 64, sampler="greedy", seed: int = 0,
-               chunk_tokens: int = 8) -> Iterator[str]:
+    def stream(
+        self, image, prompt: str, max_new_tokens: int = 64, sampler="greedy", seed: int = 0, chunk_tokens: int = 8
+    ) -> Iterator[str]:
         """Text so far, after the first token and then every `chunk_tokens` tokens."""
         for result in self.run([image], [prompt], max_new_tokens, sampler, seed, chunk=chunk_tokens):
             yield result.texts[0]
@@ -120,40 +220,15 @@ class Model:
         self.generate_batch([blank] * batch, ["caption en"] * batch, max_new_tokens=max_new_tokens)
 
 
-def _until_eos(row: list[int], eos: int) -> list[int]:
-    return row[: row.index(eos)] if eos in row else row
-
-
-def _last(iterator):
-    item = None
-    for item in iterator:
-        pass
-    return item
-
-
-def _find_weights(folder: str) -> str:
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    candidates = [p for p in glob.glob(os.path.join(folder, "*.npz")) if os.path.basename(p) not in _NOT_WEIGHTS]
-    if len(candidates) != 1:
-        found = ", ".join(map(os.path.basename, candidates)) or "none"
-        raise CheckpointError(
-            f"{folder} should hold a Hugging Face model (config.json + *.safetensors) or exactly one big_vision "
-            f".npz checkpoint; .npz files found: {found}")
-    return candidates[0]
-
-
-def _find_beside(folder: str, names: Sequence[str]) -> str | None:
-    return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
-
-
 def _mesh_for(devices) -> jax.sharding.Mesh | None:
     """Where load(devices=...) puts the weights: None for the default device (host buffers adopted without a
     copy on CPU), else a "model" mesh (one device: the model lives there; several: split over them)."""
     if isinstance(devices, jax.sharding.Mesh):
         if devices.axis_names != (sharding.AXIS,):
-            raise ValueError(f"the mesh must have the one axis {sharding.AXIS!r} (sharding.make_mesh makes one); "
-                             f"got axes {devices.axis_names}")
+            raise ValueError(
+                f"the mesh must have the one axis {sharding.AXIS!r} (sharding.make_mesh makes one); "
+                f"got axes {devices.axis_names}"
+            )
         return devices
     if isinstance(devices, jax.Device):
         devices = [devices]
@@ -164,28 +239,53 @@ def _mesh_for(devices) -> jax.sharding.Mesh | None:
     return sharding.make_mesh(devices)
 
 
-def load(source: str | os.PathLike, dtype=None, tokenizer: str | None = None, mask_decoder: str | None = None,
-         devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None) -> Model:
-    """Loads a .npz file, a folder holding one, a Hugging Face-format folder, or a Hub repo id.
+def load(
+    source: str | os.PathLike,
+    dtype=None,
+    tokenizer: str | os.PathLike | None = None,
+    mask_decoder: str | os.PathLike | None = None,
+    devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None,
+    progress: hub.Progress | None = None,
+) -> Model:
+    """Loads a .npz file, a folder holding one, a Hugging Face-format folder, a Hub repo id or a
+    `kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]` handle.
 
-    The tokenizer (`tokenizer.model`) and the VQ-VAE (`vae-oid.npz`) are found beside the weights unless
-    given. dtype: None (bfloat16 on accelerators, float32 on CPU), 'float32', 'bfloat16' or 'float16'.
+    Fit before fetch: before a Hub download (from its config.json alone) and again before reading the weights
+    (from their shapes), the need in weights + KV cache is compared with the free memory of the target devices;
+    DoesNotFit says the need, what is free and what would fit. The tokenizer and the mask decoder (`vae-oid.npz`)
+    come from the argument, beside the weights, the cache, or where they are published (companions.py); a model
+    without a mask decoder still detects, and `model.mask_decoder_note` says why masks are missing.
+    dtype: None (by the device: float32 on CPU, bfloat16 where the hardware has it, float16 on older GPUs; see
+    devices.py), 'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices; the rest in the
+    device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly than float32).
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
+    progress: called with (file name, bytes done, bytes total) while files download.
     """
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
+    quantize_int8 = dtype == INT8
     mesh = _mesh_for(devices)
-    path = hub.resolve(source)
-    weights = _find_weights(path) if os.path.isdir(path) else path
+    targets = list(mesh.devices.flat) if mesh is not None else None
+    if dtype is None or quantize_int8:
+        dtype = default_dtype(targets[0] if targets else None)
+    dtype = DTYPES.get(dtype, dtype)
+    dtype_name = jnp.dtype(dtype).name  # int8 loads in float first: the fit check counts that peak
+    source = os.fspath(source)
+    if hub.is_repo_id(source):
+        memory_fit.check_fits(memory_fit.config_for_repo(source, progress=progress), dtype_name, devices=targets)
+    weights = hub.weights_in(hub.resolve(source, progress=progress), source)
     folder = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
-    tokenizer_path = tokenizer or _find_beside(folder, _TOKENIZER_NAMES)
-    if tokenizer_path is None:
-        raise CheckpointError(f"no tokenizer found beside {weights}: expected one of {', '.join(_TOKENIZER_NAMES)} "
-                              f"in {folder}, or pass tokenizer=PATH")
-    tok = Tokenizer(tokenizer_path)
-    params, cfg = checkpoint.load_params(weights, dtype, mesh=mesh)
-    return Model(params, cfg, tok, source=os.fspath(source),
-                 mask_decoder_path=mask_decoder or _find_beside(folder, (_MASK_DECODER_NAME,)))
+    tok = Tokenizer(companions.find_tokenizer(folder, tokenizer, progress=progress))
+    try:
+        mask_decoder_path, note = companions.find_mask_decoder(folder, mask_decoder, progress=progress), None
+    except CompanionMissing as err:
+        mask_decoder_path, note = None, str(err)
+    tensors, cfg = checkpoint.read_checkpoint(weights)
+    memory_fit.check_fits(cfg, dtype_name, devices=targets)
+    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh)
+    if quantize_int8:
+        params = quantize.quantize_params(params, cfg)
+    model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path)
+    model.mask_decoder_note = note
+    return model

@@ -88,7 +88,9 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
     return tuple(shapes[key])
 
 
-def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], overrides: Mapping[str, object] | None = None) -> PaliGemmaConfig:
+def config_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]], overrides: Mapping[str, object] | None = None
+) -> PaliGemmaConfig:
     """Derives the config from tensor shapes keyed by our big_vision-style names (without 'params/').
 
     `overrides` carries what shapes cannot tell (from a HF config.json): query_scale, softcaps, eps.
@@ -107,10 +109,17 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], overrides: Mapping
     query = _shape(shapes, block + "MultiHeadDotProductAttention_0/query/kernel")  # [L, W, N, Hd]
     mlp = _shape(shapes, block + "MlpBlock_0/Dense_0/kernel")  # [L, W, M]
     if len(query) != 4 or query[1] != width or query[2] * query[3] != width:
-        raise CheckpointError(f"image attention query kernel has shape {query}; expected [depth, {width}, heads, {width}/heads]")
+        raise CheckpointError(
+            f"image attention query kernel has shape {query}; expected [depth, {width}, heads, {width}/heads]"
+        )
     vision = VisionConfig(
-        width=width, depth=query[0], mlp_dim=mlp[2], num_heads=query[2], patch_size=patch,
-        image_size=side * patch, eps=float(overrides.get("vision_eps", 1e-6)),
+        width=width,
+        depth=query[0],
+        mlp_dim=mlp[2],
+        num_heads=query[2],
+        patch_size=patch,
+        image_size=side * patch,
+        eps=float(overrides.get("vision_eps", 1e-6)),
     )
 
     embed = _shape(shapes, "llm/embedder/input_embedding")  # [V, D]
@@ -122,7 +131,8 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], overrides: Mapping
     if len(q) != 4 or q[2] != d or len(kv) != 5 or kv[1] != 2 or kv[3] != d or kv[4] != q[3] or q[1] % kv[2]:
         raise CheckpointError(
             f"decoder attention shapes q {q}, kv {kv} do not fit width {d}: expected q [depth, heads, {d}, head_dim] "
-            f"and kv [depth, 2, kv_heads, {d}, head_dim] with heads a multiple of kv_heads")
+            f"and kv [depth, 2, kv_heads, {d}, head_dim] with heads a multiple of kv_heads"
+        )
     if len(gating) != 4 or gating[2] != d or head != (width, d):
         raise CheckpointError(f"MLP {gating} or projection {head} shapes do not fit widths {width}→{d}")
     generation = 2 if "llm/layers/post_attention_norm/scale" in shapes else 1
@@ -134,27 +144,95 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], overrides: Mapping
     else:
         query_scale = head_dim**-0.5
     text = TextConfig(
-        vocab_size=embed[0], width=d, depth=q[0], mlp_dim=gating[3], num_heads=num_heads, num_kv_heads=kv[2],
-        head_dim=head_dim, query_scale=query_scale,
+        vocab_size=embed[0],
+        width=d,
+        depth=q[0],
+        mlp_dim=gating[3],
+        num_heads=num_heads,
+        num_kv_heads=kv[2],
+        head_dim=head_dim,
+        query_scale=query_scale,
         attn_softcap=overrides.get("attn_softcap", GEMMA2_ATTN_SOFTCAP if generation == 2 else None),
         final_softcap=overrides.get("final_softcap", GEMMA2_FINAL_SOFTCAP if generation == 2 else None),
-        post_norms=generation == 2, eps=float(overrides.get("text_eps", 1e-6)),
+        post_norms=generation == 2,
+        eps=float(overrides.get("text_eps", 1e-6)),
     )
     return PaliGemmaConfig(vision=vision, text=text)
 
 
 def overrides_from_hf_config(hf_config: Mapping[str, object]) -> dict[str, object]:
-    """What a transformers config.json says that the tensor shapes cannot."""
-    text = dict(hf_config.get("text_config") or {})
-    vision = dict(hf_config.get("vision_config") or {})
+    """What a transformers config.json says that the tensor shapes cannot.
+
+    Absent or null fields keep the model's defaults (the 2024 PaliGemma 1 files write few); an activation other
+    than the tanh-approximated GELU every PaliGemma uses, under any of its names, is refused.
+    """
+    text = {k: v for k, v in dict(hf_config.get("text_config") or {}).items() if v is not None}
+    vision = {k: v for k, v in dict(hf_config.get("vision_config") or {}).items() if v is not None}
+    _check_activations(text, vision)
     out: dict[str, object] = {}
     if text.get("model_type", "gemma") == "gemma2":
         if "query_pre_attn_scalar" in text:
             out["query_scale"] = float(text["query_pre_attn_scalar"]) ** -0.5
-        out["attn_softcap"] = text.get("attn_logit_softcapping", GEMMA2_ATTN_SOFTCAP)
-        out["final_softcap"] = text.get("final_logit_softcapping", GEMMA2_FINAL_SOFTCAP)
+        raw = dict(hf_config.get("text_config") or {})  # here an explicit null means "no cap"
+        out["attn_softcap"] = raw.get("attn_logit_softcapping", GEMMA2_ATTN_SOFTCAP)
+        out["final_softcap"] = raw.get("final_logit_softcapping", GEMMA2_FINAL_SOFTCAP)
     if "rms_norm_eps" in text:
         out["text_eps"] = float(text["rms_norm_eps"])
     if "layer_norm_eps" in vision:
         out["vision_eps"] = float(vision["layer_norm_eps"])
     return out
+
+
+# Names transformers has used for the tanh-approximated GELU (Gemma 1 configs said "gelu" and meant it).
+_GELU_TANH_NAMES = {"gelu_pytorch_tanh", "gelu_fast", "gelu_new", "gelu_approximate", "gelu"}
+
+
+def _check_activations(text: Mapping[str, object], vision: Mapping[str, object]) -> None:
+    for where, fields in (("text_config", text), ("vision_config", vision)):
+        for key in ("hidden_activation", "hidden_act"):
+            if key in fields and fields[key] not in _GELU_TANH_NAMES:
+                raise CheckpointError(
+                    f"{where}.{key} is {fields[key]!r}; PaliGemma uses the tanh GELU "
+                    f"({', '.join(sorted(_GELU_TANH_NAMES))})"
+                )
+
+
+def demo_config(vocab_size: int) -> PaliGemmaConfig:
+    """The embedded demo model: a small SigLIP (224px, 28px patches -> 64 image tokens) + Gemma, ~7 M params,
+    sized to train on a 2-core CPU in under an hour. Every query head has its own key/value head: with one
+    shared 64-wide value per layer (Gemma 2B's multi-query layout), too little of each image token reaches the
+    text positions to carry four box edges."""
+    return PaliGemmaConfig(
+        vision=VisionConfig(width=192, depth=4, mlp_dim=768, num_heads=4, patch_size=28, image_size=224),
+        text=TextConfig(
+            vocab_size=vocab_size,
+            width=256,
+            depth=4,
+            mlp_dim=1024,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            query_scale=64**-0.5,
+        ),
+    )
+
+
+def tiny_config(vocab_size: int) -> PaliGemmaConfig:
+    """A seconds-to-train config for smoke tests of the training loop."""
+    return PaliGemmaConfig(
+        vision=VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=28, image_size=56),
+        text=TextConfig(
+            vocab_size=vocab_size,
+            width=64,
+            depth=2,
+            mlp_dim=128,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=32,
+            query_scale=32**-0.5,
+        ),
+    )
+
+
+# The architectures `python -m paligemma.train --config NAME` builds when training from scratch.
+CONFIGS = {"demo": demo_config, "tiny": tiny_config}

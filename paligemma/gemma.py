@@ -1,7 +1,9 @@
 """Gemma and Gemma 2 decoder as pure functions over big_vision-layout parameters (layers stacked).
 
 Axis letters: B batch, T query positions, S key positions, N query heads, K kv heads, G query heads per
-kv head (N = K·G), H head dim, D width, F MLP width, V vocabulary, L layers, C the k/v pair.
+kv head (N = K·G), H head dim, D width, F MLP width, V vocabulary, L layers, C the k/v pair, R the stacked
+matrices of one projection weight (N query heads, C·K key/value heads, or the gate/up pair), O their output
+width (H or F).
 
 Attention takes the new tokens' keys/values and, optionally, a KV cache of earlier positions. The two are
 scored separately and share one softmax, so the layer never writes into the cache: the caller writes all
@@ -19,6 +21,11 @@ prefill use it) or a list of per-layer dicts (an unrolled loop; the decode loop 
 and up to _IN_PLACE_MAX_ROWS rows the projections are written as in-place dots. KV caches come in the same
 two forms: (k, v) stacked [L, B, K, S, H], or a list of per-layer (k, v) each [B, K, S, H] (kv heads before
 positions, so attention reads them in place too).
+
+Long prefills (448 and 896 px: 1,024 and 4,096 image tokens) score QUERY_BLOCK queries at a time, so that the
+float32 scores of a layer are [B, N, QUERY_BLOCK, S] rather than [B, N, T, S]. float16 weights keep the
+residual stream and everything that feeds or grows it in float32 (devices.py). The layer weights may be int8
+(quantize.py); the projections then go through qwix.
 """
 
 from __future__ import annotations
@@ -26,21 +33,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import quantize
 from .config import TextConfig
+from .devices import wide_dtype
 
 ROPE_BASE = 10_000.0
 _MASKED = -2.3819763e38  # most negative float32 that stays finite after softcap-free softmax
 
 
-def rms_norm(x, scale, eps):
-    """Gemma's RMSNorm: x / rms(x) · (1 + scale), in float32."""
+def rms_norm(x, scale, eps, dtype=None):
+    """Gemma's RMSNorm: x / rms(x) · (1 + scale), in float32; the result in `dtype` (default: x's)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype or x.dtype)
 
 
 def apply_rope(x, positions):
-    """Rotary embedding on the two halves of the head dim. x [N, B, T, H] (heads first), positions int[B, T]."""
+    """Rotary embedding on the two halves of the head dim. x [N or K, B, T, H] (heads first), positions int[B, T]."""
     half = x.shape[-1] // 2
     inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
@@ -54,9 +63,11 @@ def softcap(x, cap):
 
 
 def embed_tokens(params, cfg: TextConfig, tokens):
-    """tokens int[B, T] -> [B, T, D], scaled by √D as Gemma's text embeddings are."""
+    """tokens int[B, T] -> [B, T, D], scaled by √D as Gemma's text embeddings are; in the residual stream's
+    dtype (float32 for float16 weights: the scaled embeddings may pass float16's range)."""
     table = params["embedder"]["input_embedding"]
-    return table[tokens] * jnp.asarray(cfg.width**0.5, table.dtype)
+    dtype = wide_dtype(table.dtype)
+    return table[tokens].astype(dtype) * jnp.asarray(cfg.width**0.5, dtype)
 
 
 # Up to this many rows (B·T: decoding), weights are read in place; beyond it (prefill, training) the einsum
@@ -64,79 +75,151 @@ def embed_tokens(params, cfg: TextConfig, tokens):
 _IN_PLACE_MAX_ROWS = 16
 
 
-def _grouped_project(x, w):
-    """x [B, T, In] · w [G, In, Out] -> [G, B, T, Out] (G: heads, or gate/up).
+def _matmul(x, w, out_dtype=None):
+    """x [M, In] · w [In, Out] -> [M, Out], w float or int8 (quantize.py); out_dtype: see devices.wide_dtype."""
+    return quantize.dot_general(x, w, (((1,), (0,)), ((), ())), out_dtype)
 
-    One dot with G as a batch dimension reads w in its stored layout. XLA on CPU copies (transposes or
+
+def _grouped_project(x, w):
+    """x [B, T, D] · w [R, D, O] -> [R, B, T, O]: R projections of the same rows.
+
+    One dot with R as a batch dimension reads w in its stored layout. XLA on CPU copies (transposes or
     slices) the weight on every call for the obvious einsums ("BTD,NDH->BTNH", or w[0] and w[1] separately),
     which made decoding 3-10x slower than the memory bandwidth allows.
     """
     b, t, d = x.shape
-    g = w.shape[0]
+    r = w.shape[0]
     if b * t > _IN_PLACE_MAX_ROWS:
-        return jnp.einsum("BTD,GDO->GBTO", x, w)
-    y = jax.lax.dot_general(jnp.broadcast_to(x.reshape(1, b * t, d), (g, b * t, d)), w, (((2,), (1,)), ((0,), (0,))))
-    return y.reshape(g, b, t, w.shape[-1])
+        return quantize.einsum("BTD,RDO->RBTO", x, w)
+    rows = jnp.broadcast_to(x.reshape(1, b * t, d), (r, b * t, d))  # [R, B·T, D]
+    y = quantize.dot_general(rows, w, (((2,), (1,)), ((0,), (0,))))  # contract D, batch R: [R, B·T, O]
+    return y.reshape(r, b, t, w.shape[-1])
 
 
-def _batched_dot(a, b, contract_a: int, contract_b: int):
+def _batched_dot(a, b, contract_a: int, contract_b: int, out_dtype=None):
     """Per (batch, kv head) matrix product over [B, K, ...] operands, e.g. queries · cached keys."""
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))))
+    return jax.lax.dot_general(
+        a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))), preferred_element_type=out_dtype
+    )
 
 
-def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache):
-    """x [B, T, D] -> ([B, T, D], (k, v) of the new tokens, each [B, K, T, H], weights [B, N, T, S] float32)."""
+# Prefills of more query positions than this score one block of queries at a time (a loop over blocks): a
+# Gemma 2B layer at 896 px (4,096 image tokens + the prompt) would otherwise hold 8 heads × 4,128² float32
+# scores, 545 MB per row, twice (scores and probabilities); a block holds a sixteenth of that. Each query's row
+# is computed exactly as in one piece. jax.nn.dot_product_attention (jax 0.10) is no alternative: by default
+# it runs the same unfused XLA attention, and its fused cuDNN kernel has no logit soft cap (Gemma 2's).
+QUERY_BLOCK = 256
+
+
+def in_query_blocks(fn, t: int, axis: int, block: int):
+    """fn(start) -> the result for the `block` queries from `start` on (queries on `axis`), for all t > block
+    queries, one block at a time, into one result. The last block starts at t - block, redoing rows of the one
+    before it (the same values again), so that neither queries nor masks are padded or copied."""
+    shape = jax.eval_shape(fn, 0)
+    out = jnp.zeros((*shape.shape[:axis], t, *shape.shape[axis + 1 :]), shape.dtype)
+
+    def one_block(i, out):
+        start = jnp.minimum(i * block, t - block)
+        return jax.lax.dynamic_update_slice_in_dim(out, fn(start), start, axis)
+
+    return jax.lax.fori_loop(0, -(-t // block), one_block, out)
+
+
+def _context(cfg: TextConfig, q, parts):
+    """Queries q [B, K, G·T, H] against `parts` (keys [B, K, S_i, H], values [B, K, S_i, H], mask bool[B, T,
+    S_i]) that share one softmax -> (context [B, K, G·T, H], weights float32 [B, K, G, T, ΣS_i])."""
+    b, k_heads, rows, _ = q.shape
+    wide = wide_dtype(q.dtype)
+
+    def scores(keys, mask):  # -> [B, K, G, T, S] float32, soft-capped and masked
+        t, s = mask.shape[1], keys.shape[2]
+        # [B, K, G·T, H] · [B, K, S, H], contracting H -> [B, K, G·T, S]
+        logits = _batched_dot(q, keys, 3, 3, wide).reshape(b, k_heads, rows // t, t, s).astype(jnp.float32)
+        return jnp.where(mask[:, None, None], softcap(logits, cfg.attn_softcap), _MASKED)
+
+    probs = jax.nn.softmax(jnp.concatenate([scores(k, mask) for k, _, mask in parts], axis=-1), axis=-1)
+    values = [v for _, v, _ in parts]
+    weights = probs.astype(values[0].dtype).reshape(b, k_heads, rows, probs.shape[-1])  # [B, K, G·T, S]
+    ctx, start = None, 0
+    for v in values:  # [B, K, G·T, S_i] · [B, K, S_i, H] -> [B, K, G·T, H]
+        part = _batched_dot(weights[..., start : start + v.shape[2]], v, 3, 2)
+        ctx, start = part if ctx is None else ctx + part, start + v.shape[2]
+    return ctx, probs
+
+
+def _blockwise_context(cfg: TextConfig, q, parts):
+    """_context's context, QUERY_BLOCK queries at a time: only one block's scores exist at once."""
+    b, k_heads, rows, h = q.shape
+    t = parts[0][2].shape[1]
+    groups = rows // t
+    q = q.reshape(b, k_heads, groups, t, h)
+
+    def one_block(start):  # -> [B, K, G, QUERY_BLOCK, H]
+        q_block = jax.lax.dynamic_slice_in_dim(q, start, QUERY_BLOCK, axis=3)
+        masks = [jax.lax.dynamic_slice_in_dim(mask, start, QUERY_BLOCK, axis=1) for _, _, mask in parts]
+        ctx, _ = _context(
+            cfg,
+            q_block.reshape(b, k_heads, groups * QUERY_BLOCK, h),
+            [(k, v, mask) for (k, v, _), mask in zip(parts, masks)],
+        )
+        return ctx.reshape(b, k_heads, groups, QUERY_BLOCK, h)
+
+    return in_query_blocks(one_block, t, 3, QUERY_BLOCK).reshape(b, k_heads, rows, h)
+
+
+def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache, with_weights: bool):
+    """x [B, T, D] -> ([B, T, D] in the residual stream's dtype, (k, v) of the new tokens, each [B, K, T, H],
+    weights float32 [B, N, T, S] when the whole-sequence path computed them, else None)."""
     b, t, d = x.shape
     k_heads, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     q = apply_rope(_grouped_project(x, p["q_einsum"]["w"]), positions) * jnp.asarray(cfg.query_scale, x.dtype)
+    # kv_einsum [C, K, D, H] read as [C·K, D, H] -> [C·K, B, T, H] -> [C, K, B, T, H]
     kv = _grouped_project(x, p["kv_einsum"]["w"].reshape(2 * k_heads, d, h)).reshape(2, k_heads, b, t, h)
     k = apply_rope(kv[0], positions).transpose(1, 0, 2, 3)  # [B, K, T, H], the cache layout
     v = kv[1].transpose(1, 0, 2, 3)
+    # [N, B, T, H] -> [B, K, G·T, H]: each kv head's query heads as rows of one matrix
     q = q.reshape(k_heads, groups, b, t, h).transpose(2, 0, 1, 3, 4).reshape(b, k_heads, groups * t, h)
-
-    def scores(keys, mask):  # keys [B, K, S, H] -> [B, K, G, T, S] float32, masked
-        s = _batched_dot(q, keys, 3, 3).reshape(b, k_heads, groups, t, keys.shape[2]).astype(jnp.float32)
-        return jnp.where(mask[:, None, None], softcap(s, cfg.attn_softcap), _MASKED)
-
-    parts = [scores(k, mask_new)]
-    if cache_kv is not None:
-        parts.insert(0, scores(cache_kv[0], mask_cache))
-    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)  # [B, K, G, T, S]
-    weights = probs.astype(v.dtype).reshape(b, k_heads, groups * t, probs.shape[-1])
-    if cache_kv is None:
-        ctx = _batched_dot(weights, v, 3, 2)  # [B, K, G·T, H]
+    parts = [(k, v, mask_new)] if cache_kv is None else [(*cache_kv, mask_cache), (k, v, mask_new)]
+    if t > QUERY_BLOCK and not with_weights:
+        ctx, probs = _blockwise_context(cfg, q, parts), None
     else:
-        s_cache = cache_kv[1].shape[2]
-        ctx = _batched_dot(weights[..., :s_cache], cache_kv[1], 3, 2) + _batched_dot(weights[..., s_cache:], v, 3, 2)
+        ctx, probs = _context(cfg, q, parts)
+        probs = probs.reshape(b, cfg.num_heads, t, probs.shape[-1])
+    # [B, K, G·T, H] -> [B·T, N·H], N in (K, G) order as the weights store it
     ctx = ctx.reshape(b, k_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, cfg.num_heads * h)
-    out = ctx @ p["attn_vec_einsum"]["w"].reshape(cfg.num_heads * h, d)  # [N, H, D] read as [N·H, D]
-    return out.reshape(b, t, d), (k, v), probs.reshape(b, cfg.num_heads, t, probs.shape[-1])
+    # attn_vec_einsum [N, H, D] read as [N·H, D]
+    out = _matmul(ctx, p["attn_vec_einsum"]["w"].reshape(cfg.num_heads * h, d), wide_dtype(x.dtype))
+    return out.reshape(b, t, d), (k, v), probs
 
 
 def _mlp(p, x):
+    """x [B, T, D] -> [B, T, D] in the residual stream's dtype."""
     b, t, _ = x.shape
     if b * t > _IN_PLACE_MAX_ROWS:  # two large GEMMs: slicing w[0], w[1] costs little next to them
-        gate, up = (jnp.einsum("BTD,DF->BTF", x, p["gating_einsum"][c]) for c in range(2))
+        gate, up = (quantize.einsum("BTD,DF->BTF", x, p["gating_einsum"][c]) for c in range(2))
     else:
-        gate, up = _grouped_project(x, p["gating_einsum"])  # [2, D, F] -> 2 × [B, T, F]
+        gate, up = _grouped_project(x, p["gating_einsum"])  # [R=2, D, F] -> 2 × [B, T, F]
     f = gate.shape[-1]
-    return ((jax.nn.gelu(gate, approximate=True) * up).reshape(b * t, f) @ p["linear"]).reshape(b, t, -1)
+    hidden = (jax.nn.gelu(gate, approximate=True) * up).reshape(b * t, f)
+    return _matmul(hidden, p["linear"], wide_dtype(x.dtype)).reshape(b, t, -1)
 
 
-def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache):
-    h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.eps)
-    h, new_kv, weights = _attention(cfg, p["attn"], h, positions, mask_new, cache_kv, mask_cache)
+def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache, dtype, with_weights: bool):
+    """x [B, T, D] is the residual stream; `dtype` the weights' float dtype, in which the matrices are fed."""
+    h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.eps, dtype)
+    h, new_kv, weights = _attention(cfg, p["attn"], h, positions, mask_new, cache_kv, mask_cache, with_weights)
     if cfg.post_norms:
         h = rms_norm(h, p["post_attention_norm"]["scale"], cfg.eps)
     x = x + h
-    h = _mlp(p["mlp"], rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.eps))
+    h = _mlp(p["mlp"], rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.eps, dtype))
     if cfg.post_norms:
         h = rms_norm(h, p["post_ffw_norm"]["scale"], cfg.eps)
     return x + h, new_kv, weights
 
 
-def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None,
-               with_attention: bool = False):
+def run_layers(
+    params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None, with_attention: bool = False
+):
     """All decoder layers over x [B, T, D].
 
     mask_new bool[B, T, T] says which new tokens each query sees; with a cache mask_cache bool[B, T, S] says
@@ -144,24 +227,37 @@ def run_layers(params, cfg: TextConfig, x, positions, mask_new, cache=None, mask
     values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H], and the
     attention weights of every layer and head, float32 [L, B, N, T, S], when with_attention asks for them
     (for training) else None).
+
+    x is the residual stream (embed_tokens' dtype); the hidden states come back in the weights' dtype.
     """
     layers = params["layers"]
+    dtype = params["embedder"]["input_embedding"].dtype  # the float dtype even where layer weights are int8
     if isinstance(layers, list | tuple):
         new_kv, weights = [], []
         for i, layer_params in enumerate(layers):
-            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, None if cache is None else cache[i],
-                              mask_cache)
+            x, kv, w = _block(
+                cfg,
+                x,
+                layer_params,
+                positions,
+                mask_new,
+                None if cache is None else cache[i],
+                mask_cache,
+                dtype,
+                with_attention,
+            )
             new_kv.append(kv)
             weights.append(w)
         weights = jnp.stack(weights) if with_attention else None
     else:
+
         def body(x, layer):
             layer_params, layer_cache = layer
-            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache)
+            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache, dtype, with_attention)
             return x, (kv, w if with_attention else None)
 
         x, (new_kv, weights) = jax.lax.scan(body, x, (layers, cache))
-    return rms_norm(x, params["final_norm"]["scale"], cfg.eps), new_kv, weights
+    return rms_norm(x, params["final_norm"]["scale"], cfg.eps, dtype), new_kv, weights
 
 
 def map_cache(fn, cache):
@@ -184,8 +280,10 @@ def unstack_cache(cache):
 def write_cache(cache, new_kv, index):
     """Writes the new tokens' keys/values (as run_layers returns them) into the cache at sequence `index`."""
     if isinstance(cache, list):
-        return [tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2) for c, n in zip(kv, new))
-                for kv, new in zip(cache, new_kv)]
+        return [
+            tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2) for c, n in zip(kv, new))
+            for kv, new in zip(cache, new_kv)
+        ]
     return tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=3) for c, n in zip(cache, new_kv))
 
 
@@ -197,8 +295,12 @@ def logits_from_hidden(params, cfg: TextConfig, x):
     """
     table = params["embedder"]["input_embedding"]
     b, t, d = x.shape
+    wide = wide_dtype(table.dtype)
     if b * t <= _IN_PLACE_MAX_ROWS:
-        logits = jax.lax.dot_general(table, x.reshape(b * t, d), (((1,), (1,)), ((), ()))).T.reshape(b, t, -1)
+        # [V, D] · [B·T, D], contracting D -> [V, B·T] -> [B, T, V]
+        logits = jax.lax.dot_general(
+            table, x.reshape(b * t, d), (((1,), (1,)), ((), ())), preferred_element_type=wide
+        ).T.reshape(b, t, -1)
     else:
-        logits = jnp.einsum("BTD,VD->BTV", x, table)
+        logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=wide)
     return softcap(logits.astype(jnp.float32), cfg.final_softcap)

@@ -5,10 +5,9 @@ The inverse of `checkpoint.read_hf_folder`, so transformers can run the very sam
 
     python -m paligemma.hf_export assets/demo /tmp/demo-hf
 
-Tensor names are the ones transformers 5 writes itself (`vision_tower.*`, `multi_modal_projector.linear.*`,
-`language_model.model.*`, lm_head tied). The vocabulary is written as it is (no padding): the `<image>`
-placeholder id is the first id past the table, which transformers maps to padding before its lookup.
-Axis letters as in gemma.py / siglip.py.
+Tensor names and layouts come from hf_keys.py (the prefixes transformers 5 writes itself, lm_head tied).
+The vocabulary is written as it is (no padding): the `<image>` placeholder id is the first id past the table,
+which transformers maps to padding before its lookup.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from safetensors.numpy import save_file
 
+from . import hf_keys
 from .config import GEMMA2_ATTN_SOFTCAP, GEMMA2_FINAL_SOFTCAP, PaliGemmaConfig
 
 DEFAULT_SHARD_BYTES = 4 * 2**30
-_VISION, _PROJECTOR, _TEXT = "vision_tower.", "multi_modal_projector.linear.", "language_model.model."
 # Gemma 2's sliding window was not applied in PaliGemma 2's training; a window past any sequence turns it off.
 _NO_SLIDING_WINDOW = 8192
 
@@ -38,93 +37,103 @@ def hf_config(cfg: PaliGemmaConfig) -> dict:
     """
     v, t = cfg.vision, cfg.text
     text = dict(
-        hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
-        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-        vocab_size=t.vocab_size, rms_norm_eps=t.eps, hidden_activation="gelu_pytorch_tanh",
-        hidden_act="gelu_pytorch_tanh", rope_theta=10_000.0, max_position_embeddings=_NO_SLIDING_WINDOW,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
+        hidden_size=t.width,
+        intermediate_size=t.mlp_dim,
+        num_hidden_layers=t.depth,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        head_dim=t.head_dim,
+        vocab_size=t.vocab_size,
+        rms_norm_eps=t.eps,
+        hidden_activation="gelu_pytorch_tanh",
+        hidden_act="gelu_pytorch_tanh",
+        rope_theta=10_000.0,
+        max_position_embeddings=_NO_SLIDING_WINDOW,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
     )
     if t.generation == 1:
         if not np.isclose(t.query_scale, t.head_dim**-0.5) or t.attn_softcap or t.final_softcap:
-            raise ValueError(f"transformers' Gemma scales queries by head_dim^-½ = {t.head_dim**-0.5:g} and has no "
-                             f"soft caps; this decoder has query scale {t.query_scale:g} and caps "
-                             f"{t.attn_softcap}/{t.final_softcap}, so it cannot be exported as PaliGemma 1")
+            raise ValueError(
+                f"transformers' Gemma scales queries by head_dim^-½ = {t.head_dim**-0.5:g} and has no "
+                f"soft caps; this decoder has query scale {t.query_scale:g} and caps "
+                f"{t.attn_softcap}/{t.final_softcap}, so it cannot be exported as PaliGemma 1"
+            )
         text["model_type"] = "gemma"
     else:
         if t.attn_softcap is None or t.final_softcap is None:
-            raise ValueError(f"transformers' Gemma 2 always soft-caps (defaults {GEMMA2_ATTN_SOFTCAP}/"
-                             f"{GEMMA2_FINAL_SOFTCAP}); this decoder has caps {t.attn_softcap}/{t.final_softcap}")
+            raise ValueError(
+                f"transformers' Gemma 2 always soft-caps (defaults {GEMMA2_ATTN_SOFTCAP}/"
+                f"{GEMMA2_FINAL_SOFTCAP}); this decoder has caps {t.attn_softcap}/{t.final_softcap}"
+            )
         scalar = t.query_scale**-2
-        text.update(model_type="gemma2", query_pre_attn_scalar=round(scalar) if np.isclose(scalar, round(scalar)) else scalar,
-                    attn_logit_softcapping=t.attn_softcap, final_logit_softcapping=t.final_softcap,
-                    sliding_window=_NO_SLIDING_WINDOW)
+        scalar = round(scalar) if np.isclose(scalar, round(scalar)) else scalar
+        text.update(
+            model_type="gemma2",
+            query_pre_attn_scalar=scalar,
+            attn_logit_softcapping=t.attn_softcap,
+            final_logit_softcapping=t.final_softcap,
+            sliding_window=_NO_SLIDING_WINDOW,
+        )
     vision = dict(
-        model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp_dim,
-        num_hidden_layers=v.depth, num_attention_heads=v.num_heads, patch_size=v.patch_size,
-        image_size=v.image_size, layer_norm_eps=v.eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False,
+        model_type="siglip_vision_model",
+        hidden_size=v.width,
+        intermediate_size=v.mlp_dim,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.num_heads,
+        patch_size=v.patch_size,
+        image_size=v.image_size,
+        layer_norm_eps=v.eps,
+        hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False,
         projection_dim=t.width,
     )
     return dict(
-        architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma", text_config=text,
-        vision_config=vision, image_token_index=t.vocab_size, vocab_size=t.vocab_size, projection_dim=t.width,
-        hidden_size=t.width, tie_word_embeddings=True,
+        architectures=["PaliGemmaForConditionalGeneration"],
+        model_type="paligemma",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=t.vocab_size,
+        vocab_size=t.vocab_size,
+        projection_dim=t.width,
+        hidden_size=t.width,
+        tie_word_embeddings=True,
     )
 
 
 def hf_tensors(params, cfg: PaliGemmaConfig) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(HF name, function giving the tensor) for every tensor, each made only when asked for."""
-    img, llm = params["img"], params["llm"]
-    block, text_layers = img["Transformer"]["encoderblock"], llm["layers"]
-    attn, mlp = block["MultiHeadDotProductAttention_0"], block["MlpBlock_0"]
-    v, t = cfg.vision, cfg.text
-    a = np.asarray
-    yield _VISION + "embeddings.patch_embedding.weight", lambda: a(img["embedding"]["kernel"]).transpose(3, 2, 0, 1)
-    yield _VISION + "embeddings.patch_embedding.bias", lambda: a(img["embedding"]["bias"])
-    yield _VISION + "embeddings.position_embedding.weight", lambda: a(img["pos_embedding"])[0]
-    yield _VISION + "post_layernorm.weight", lambda: a(img["Transformer"]["encoder_norm"]["scale"])
-    yield _VISION + "post_layernorm.bias", lambda: a(img["Transformer"]["encoder_norm"]["bias"])
-    yield _PROJECTOR + "weight", lambda: a(img["head"]["kernel"]).T
-    yield _PROJECTOR + "bias", lambda: a(img["head"]["bias"])
-    for i in range(v.depth):
-        p = f"{_VISION}encoder.layers.{i}."
-        for theirs, ours in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
-            yield p + f"{theirs}.weight", lambda i=i, o=ours: a(block[o]["scale"][i])
-            yield p + f"{theirs}.bias", lambda i=i, o=ours: a(block[o]["bias"][i])
-        for theirs, ours in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-            yield p + f"mlp.{theirs}.weight", lambda i=i, o=ours: a(mlp[o]["kernel"][i]).T
-            yield p + f"mlp.{theirs}.bias", lambda i=i, o=ours: a(mlp[o]["bias"][i])
-        for theirs, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            # [W, N, Hd] -> [N·Hd, W]
-            yield p + f"self_attn.{theirs}.weight", lambda i=i, o=ours: a(attn[o]["kernel"][i]).reshape(v.width, -1).T
-            yield p + f"self_attn.{theirs}.bias", lambda i=i, o=ours: a(attn[o]["bias"][i]).reshape(-1)
-        # [N, Hd, W] -> [W, N·Hd]
-        yield p + "self_attn.out_proj.weight", lambda i=i: a(attn["out"]["kernel"][i]).reshape(-1, v.width).T
-        yield p + "self_attn.out_proj.bias", lambda i=i: a(attn["out"]["bias"][i])
-
-    yield _TEXT + "embed_tokens.weight", lambda: a(llm["embedder"]["input_embedding"])
-    yield _TEXT + "norm.weight", lambda: a(llm["final_norm"]["scale"])
-    heads = text_layers["attn"]
-    norms = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "pre_ffw_norm"}
-    if t.post_norms:
-        norms = {"input_layernorm": "pre_attention_norm", "post_attention_layernorm": "post_attention_norm",
-                 "pre_feedforward_layernorm": "pre_ffw_norm", "post_feedforward_layernorm": "post_ffw_norm"}
-    for i in range(t.depth):
-        p = f"{_TEXT}layers.{i}."
-        # q [N, D, H] -> [N·H, D]; k, v [K, D, H] -> [K·H, D]; o [N, H, D] -> [D, N·H]
-        yield p + "self_attn.q_proj.weight", lambda i=i: a(heads["q_einsum"]["w"][i]).transpose(0, 2, 1).reshape(-1, t.width)
-        for c, name in enumerate(("k_proj", "v_proj")):
-            yield p + f"self_attn.{name}.weight", lambda i=i, c=c: a(heads["kv_einsum"]["w"][i, c]).transpose(0, 2, 1).reshape(-1, t.width)
-        yield p + "self_attn.o_proj.weight", lambda i=i: a(heads["attn_vec_einsum"]["w"][i]).reshape(-1, t.width).T
-        # gating [2, D, F] -> gate, up [F, D]; linear [F, D] -> down [D, F]
-        yield p + "mlp.gate_proj.weight", lambda i=i: a(text_layers["mlp"]["gating_einsum"][i, 0]).T
-        yield p + "mlp.up_proj.weight", lambda i=i: a(text_layers["mlp"]["gating_einsum"][i, 1]).T
-        yield p + "mlp.down_proj.weight", lambda i=i: a(text_layers["mlp"]["linear"][i]).T
-        for theirs, ours in norms.items():
-            yield p + f"{theirs}.weight", lambda i=i, o=ours: a(text_layers[o]["scale"][i])
+    """(HF name, function giving the tensor) for every tensor, each made only when asked for: hf_keys' table
+    read ours -> HF, a part's whole-model tensors first, then its layers one by one."""
+    table = hf_keys.entries(cfg.text.post_norms)
+    depths = {hf_keys.VISION: cfg.vision.depth, hf_keys.TEXT: cfg.text.depth}
+    for part, prefix in hf_keys.EXPORT_PREFIXES.items():
+        in_part = [e for e in table if e.part == part]
+        for entry in (e for e in in_part if not e.per_layer):
+            leaf = _leaf(params, entry.ours)
+            yield entry.hf_names(prefix)[0], lambda leaf=leaf, entry=entry: entry.layout.to_hf(np.asarray(leaf))
+        for i in range(depths.get(part, 0)):
+            for entry in (e for e in in_part if e.per_layer):
+                leaf = _leaf(params, entry.ours)
+                for c, name in enumerate(entry.hf_names(prefix, i)):
+                    index = (i, c) if entry.pair else i  # [L, C, ...] or [L, ...]
+                    yield name, lambda leaf=leaf, entry=entry, index=index: entry.layout.to_hf(np.asarray(leaf[index]))
 
 
-def export(params, cfg: PaliGemmaConfig, folder: str | os.PathLike, tokenizer_path: str | None = None,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
+def _leaf(params, key: str):
+    for name in key.split("/"):
+        params = params[name]
+    return params
+
+
+def export(
+    params,
+    cfg: PaliGemmaConfig,
+    folder: str | os.PathLike,
+    tokenizer_path: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> str:
     """Writes config.json, the weights (shards of at most `max_shard_bytes`, with an index when more than one)
     and, if given, tokenizer.model into `folder`. Only one shard is held in host memory at a time."""
     folder = os.fspath(folder)

@@ -2,6 +2,9 @@
 
 Sequence per row: image tokens, then [bos] + prompt + "\\n" (the prefix: everything in it attends to
 everything in it), then the suffix with causal attention, then padding that nobody attends to.
+
+Axis letters: B batch, R image side in pixels, P image tokens, T text positions, D decoder width,
+V vocabulary, L layers, N heads.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from .config import PaliGemmaConfig
 
 
 def prefix_lm_mask(prefix_end, seq_end, length: int):
-    """bool[B, T, T]: query i sees key j iff j is real (j < seq_end) and in the prefix or not after i.
+    """bool[B, length, length]: query i sees key j iff j is real (j < seq_end) and in the prefix or not after i.
 
     prefix_end, seq_end: int[B], counted in sequence positions (image tokens included).
     """
@@ -42,7 +45,6 @@ def forward(params, cfg: PaliGemmaConfig, images, tokens, prefix_len, seq_len, w
     length = x.shape[1]
     mask = prefix_lm_mask(n + prefix_len, n + seq_len, length)
     positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2])
-    hidden, _, attention = gemma.run_layers(params["llm"], cfg.text, x, positions, mask,
-                                            with_attention=with_attention)
+    hidden, _, attention = gemma.run_layers(params["llm"], cfg.text, x, positions, mask, with_attention=with_attention)
     logits = gemma.logits_from_hidden(params["llm"], cfg.text, hidden[:, n:])
     return (logits, attention[:, :, :, n:]) if with_attention else logits

@@ -32,8 +32,9 @@ def open_image(source) -> Image.Image:
         image.load()  # the first frame of an animation
         return image
     except Image.DecompressionBombError:
-        raise ImageError(f"{name} has too many pixels to decode safely (more than {Image.MAX_IMAGE_PIXELS * 2:,}); "
-                         f"resize it first") from None
+        raise ImageError(
+            f"{name} has too many pixels to decode safely (more than {Image.MAX_IMAGE_PIXELS * 2:,}); resize it first"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"could not read an image from {name}: it is not a {ACCEPTED} image.") from None
     except (OSError, SyntaxError, ValueError) as err:

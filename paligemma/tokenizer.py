@@ -13,8 +13,9 @@ import sentencepiece as spm
 
 from .config import CheckpointError
 
-NUM_LOC = 1024
-NUM_SEG = 128
+NUM_LOC = 1024  # location bins over the image height (y) or width (x)
+NUM_SEG = 128  # codes of the mask VQ-VAE's codebook
+SEG_TOKENS_PER_MASK = 16  # one mask is a 4×4 grid of codes
 LOC_PIECES = [f"<loc{i:04d}>" for i in range(NUM_LOC)]
 SEG_PIECES = [f"<seg{i:03d}>" for i in range(NUM_SEG)]
 # Gemma's layout of the special ids; training a tokenizer keeps it so checkpoints agree on them.
@@ -54,15 +55,14 @@ class Tokenizer:
         """The prefix PaliGemma expects: [bos] + prompt + "\\n"."""
         return [self.bos_id, *self.encode(prompt), self.newline_id]
 
+    def until_eos(self, ids: Iterable[int]) -> list[int]:
+        """The ids before the first EOS (all of them when there is none)."""
+        ids = [int(i) for i in ids]
+        return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids up to the first EOS; pad/bos vanish, loc/seg tokens stay as text."""
-        kept = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            kept.append(i)
-        return self._sp.DecodeIds(kept)
+        return self._sp.DecodeIds(self.until_eos(ids))
 
 
 def train_tokenizer(texts: Iterable[str], model_prefix: str, text_pieces: int = 512) -> Tokenizer:
@@ -75,7 +75,10 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, text_pieces: int = 
         model_type="bpe",
         vocab_size=4 + len(user_pieces) + 256 + text_pieces,
         hard_vocab_limit=False,
-        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
         user_defined_symbols=user_pieces,
         byte_fallback=True,
         split_digits=True,

@@ -4,6 +4,12 @@ Dataset: a folder with `train.jsonl` (and optionally `valid.jsonl`) of {"image",
 images relative to the folder. The loss covers the suffix and its EOS only; the prefix is context.
 Checkpoints are written in the big_vision .npz layout with the tokenizer beside them, so the output folder
 loads with `paligemma.load(out)` and serves in the app as it is.
+
+Without --init, training starts from random weights of a --config architecture; `train` and `main` take the
+function that makes them, so a caller can build its own starting point (scenes.from_scratch does).
+
+Axis letters in shapes: B batch, T text positions, V vocabulary, P image patches, L layers, N heads,
+S key positions.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,37 +32,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import Model, checkpoint, load
-from .config import PaliGemmaConfig, TextConfig, VisionConfig
+from .config import CONFIGS, PaliGemmaConfig
 from .model import forward
 from .params import count, init_params
 from .preprocess import preprocess
 from .tokenizer import NUM_LOC, Tokenizer
 
 TEXT_BUCKETS = (32, 48, 64, 96, 128)
-
-
-def demo_config(vocab_size: int) -> PaliGemmaConfig:
-    """The embedded demo model: a small SigLIP (224px, 28px patches -> 64 image tokens) + Gemma, ~7 M params,
-    sized to train on a 2-core CPU in under an hour. Every query head has its own key/value head: with one
-    shared 64-wide value per layer (Gemma 2B's multi-query layout), too little of each image token reaches the
-    text positions to carry four box edges."""
-    return PaliGemmaConfig(
-        vision=VisionConfig(width=192, depth=4, mlp_dim=768, num_heads=4, patch_size=28, image_size=224),
-        text=TextConfig(vocab_size=vocab_size, width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=4,
-                        head_dim=64, query_scale=64**-0.5),
-    )
-
-
-def tiny_config(vocab_size: int) -> PaliGemmaConfig:
-    """A seconds-to-train config for smoke tests of the training loop."""
-    return PaliGemmaConfig(
-        vision=VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=28, image_size=56),
-        text=TextConfig(vocab_size=vocab_size, width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1,
-                        head_dim=32, query_scale=32**-0.5),
-    )
-
-
-CONFIGS = {"demo": demo_config, "tiny": tiny_config}
 
 
 @dataclasses.dataclass
@@ -75,7 +58,9 @@ def read_jsonl(path: str) -> list[Example]:
                 row = json.loads(line)
                 examples.append(Example(row["image"], row["prefix"], row["suffix"]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: expected a JSON object with image, prefix and suffix ({err})") from None
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON object with image, prefix and suffix ({err})"
+                ) from None
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
@@ -126,9 +111,12 @@ class Batches:
         for row, i in enumerate(indices):
             ids = self.prefixes[i] + self.suffixes[i]
             tokens[row, : len(ids)] = ids
-        batch = {"images": model_input(np.stack([self.images[i] for i in indices])), "tokens": tokens,
-                 "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
-                 "seq_len": np.asarray(lengths, np.int32)}
+        batch = {
+            "images": model_input(np.stack([self.images[i] for i in indices])),
+            "tokens": tokens,
+            "prefix_len": np.asarray([len(self.prefixes[i]) for i in indices], np.int32),
+            "seq_len": np.asarray(lengths, np.int32),
+        }
         if with_grounding:
             batch["grounding"] = self.grounding(indices, width)
         return batch
@@ -151,8 +139,8 @@ def object_tokens(suffix: list[int], tokenizer: Tokenizer) -> list[tuple[int, tu
     segs = set(tokenizer.seg_ids or ())
     found, box, i = [], None, 0
     while i < len(suffix):
-        if i + 4 <= len(suffix) and all(t in bin_of for t in suffix[i: i + 4]):
-            box = tuple(bin_of[t] for t in suffix[i: i + 4])
+        if i + 4 <= len(suffix) and all(t in bin_of for t in suffix[i : i + 4]):
+            box = tuple(bin_of[t] for t in suffix[i : i + 4])
             found += [(i + k, box) for k in range(4)]
             i += 4
             continue
@@ -206,8 +194,15 @@ def suffix_loss(params, cfg: PaliGemmaConfig, batch, loc: LocTargets | None = No
     With grounding > 0, plus that weight times grounding_loss: a small model learns where an object is from
     four loc tokens per example far too slowly; telling it where to look is a dense signal.
     """
-    out = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"],
-                  with_attention=bool(grounding))
+    out = forward(
+        params,
+        cfg,
+        batch["images"],
+        batch["tokens"],
+        batch["prefix_len"],
+        batch["seq_len"],
+        with_attention=bool(grounding),
+    )
     logits, attention = out if grounding else (out, None)
     targets = batch["tokens"][:, 1:]
     position = jnp.arange(1, batch["tokens"].shape[1])[None]
@@ -239,45 +234,6 @@ def grounding_loss(attention, targets, num_image_tokens: int):
     return -jnp.sum(jnp.log(on_target + 1e-6) * supervised[None]) / total
 
 
-def sincos_codes(positions: np.ndarray, width: int, longest: float, shortest_period: float = 8.0) -> np.ndarray:
-    """[N] positions -> [N, width] sines and cosines at geometric frequencies, unit RMS.
-
-    Periods run from 2 * longest down to shortest_period. Dot products of two codes fall off smoothly with the
-    distance between their positions, over about a quarter of the shortest period.
-    """
-    frequencies = np.pi / longest * np.geomspace(1.0, 2.0 * longest / shortest_period, width // 2)
-    angles = positions[:, None] * frequencies[None]
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
-
-
-def loc_codes(width: int) -> np.ndarray:
-    """[1024, width] codes of the location bins, smooth at the scale of a few pixels: the start of the `<locNNNN>`
-    embeddings (structured_init) and the read-out space of the encoder's box targets (scenes.vision_pretrain),
-    so that a box the encoder sees maps linearly onto the token that writes it."""
-    return sincos_codes(np.arange(NUM_LOC, dtype=np.float32), width, NUM_LOC, shortest_period=32.0)
-
-
-def structured_init(params, cfg: PaliGemmaConfig, tokenizer: Tokenizer, std: float = 0.02):
-    """Starts a from-scratch model with geometry built in: 2D sin-cos patch position embeddings and
-    loc token embeddings that vary smoothly with their bin, so nearby boxes start out alike."""
-    grid = cfg.vision.image_size // cfg.vision.patch_size
-    rows, cols = np.divmod(np.arange(grid * grid), grid)
-    half = cfg.vision.width // 2
-    position = np.concatenate([sincos_codes(rows, half, grid), sincos_codes(cols, half, grid)], axis=1)
-    # patch embeddings of a random init have an RMS near 0.5 on these images; positions must not drown in them
-    params["img"]["pos_embedding"] = jnp.asarray(position[None] * 0.5)
-    if tokenizer.loc_ids is not None:
-        codes = loc_codes(cfg.text.width)
-        embedding = params["llm"]["embedder"]["input_embedding"]
-        params["llm"]["embedder"]["input_embedding"] = embedding.at[np.asarray(tokenizer.loc_ids)].set(codes * std)
-    return params
-
-
-def fresh_params(cfg: PaliGemmaConfig, tokenizer: Tokenizer, seed: int):
-    """The starting point of training from scratch: random weights with structured_init's geometry."""
-    return structured_init(init_params(cfg, seed), cfg, tokenizer)
-
-
 def make_optimizer(params, lr: float, steps: int, image_encoder_lr_scale: float = 1.0):
     """AdamW on a warm-up + cosine schedule with the image encoder's learning rate scaled: fine-tuning a
     pretrained encoder gently keeps what it learned while the decoder's task still reshapes it. Scale 0 freezes
@@ -302,6 +258,7 @@ def make_train_step(cfg: PaliGemmaConfig, optimizer, loc: LocTargets | None = No
         loss, grads = jax.value_and_grad(suffix_loss)(params, cfg, batch, loc, grounding)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
     return step
 
 
@@ -311,15 +268,24 @@ def evaluate(model: Model, batches: Batches, examples: list[Example], cfg, limit
     loss = float(jax.jit(suffix_loss, static_argnums=1)(model.params, cfg, batches.batch(indices)))  # plain CE
     correct = 0
     for start in range(0, len(indices), 16):
-        chunk = indices[start: start + 16]
+        chunk = indices[start : start + 16]
         images = [batches.images[i] for i in chunk]
         texts = model.generate_batch(images, [examples[i].prefix for i in chunk], max_new_tokens=64)
         correct += sum(t == examples[i].suffix for t, i in zip(texts, chunk))
     return {"valid_loss": loss, "exact_match": correct / len(indices)}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m paligemma.train", description=__doc__.split("\n\n")[0])
+FreshParams = Callable[[PaliGemmaConfig, Tokenizer, int], dict]  # (config, tokenizer, seed) -> params
+
+
+def random_params(cfg: PaliGemmaConfig, tokenizer: Tokenizer, seed: int) -> dict:
+    """Plain random weights (no use for the tokenizer): the start of training from scratch unless the caller
+    brings its own."""
+    return init_params(cfg, seed)
+
+
+def _parser(prog: str = "python -m paligemma.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder with train.jsonl (+ valid.jsonl) and its images")
     p.add_argument("--out", required=True, help="output folder: model.npz + tokenizer.model")
     p.add_argument("--init", help="checkpoint to start from (else a fresh --config)")
@@ -330,13 +296,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     encoder = p.add_mutually_exclusive_group()
     encoder.add_argument("--freeze-image-encoder", action="store_true", help="train everything but the image encoder")
-    encoder.add_argument("--image-encoder-lr-scale", type=float, default=1.0,
-                         help="the image encoder's learning rate as a fraction of --lr (0 freezes it)")
-    p.add_argument("--loc-sigma", type=float, default=0.0,
-                   help="spread <locNNNN> targets as a Gaussian of this many bins (0: exact targets)")
-    p.add_argument("--grounding", type=float, default=0.0,
-                   help="weight of a loss that teaches one attention head per layer to look inside the box of the "
-                        "object whose loc/seg tokens come next (0: off)")
+    encoder.add_argument(
+        "--image-encoder-lr-scale",
+        type=float,
+        default=1.0,
+        help="the image encoder's learning rate as a fraction of --lr (0 freezes it)",
+    )
+    p.add_argument(
+        "--loc-sigma",
+        type=float,
+        default=0.0,
+        help="spread <locNNNN> targets as a Gaussian of this many bins (0: exact targets)",
+    )
+    p.add_argument(
+        "--grounding",
+        type=float,
+        default=0.0,
+        help="weight of a loss that teaches one attention head per layer to look inside the box of the "
+        "object whose loc/seg tokens come next (0: off)",
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -351,7 +329,8 @@ def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
         shutil.copy(tokenizer_path, os.path.join(out, "tokenizer.model"))
 
 
-def train(args) -> dict:
+def train(args, fresh_params: FreshParams = random_params) -> dict:
+    """Runs the training `args` (from _parser) describes; fresh_params makes the weights when there is no --init."""
     encoder_scale = 0.0 if args.freeze_image_encoder else args.image_encoder_lr_scale
     if encoder_scale < 0:
         raise ValueError(f"--image-encoder-lr-scale must be 0 or more, not {encoder_scale}")
@@ -378,20 +357,23 @@ def train(args) -> dict:
     rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(train_data))
     position, history = 0, []
-    print(f"{cfg.describe()}: {count(params) / 1e6:.2f} M parameters, {len(train_data)} training examples",
-          file=sys.stderr)
+    print(
+        f"{cfg.describe()}: {count(params) / 1e6:.2f} M parameters, {len(train_data)} training examples",
+        file=sys.stderr,
+    )
     bar = tqdm(range(1, args.steps + 1), desc="train", file=sys.stderr)
     start = time.perf_counter()
     for step in bar:
         if position + args.batch_size > len(order):
             order, position = rng.permutation(len(train_data)), 0
-        batch = train_data.batch(order[position: position + args.batch_size], with_grounding=args.grounding > 0)
+        batch = train_data.batch(order[position : position + args.batch_size], with_grounding=args.grounding > 0)
         position += args.batch_size
         params, opt_state, loss = step_fn(params, opt_state, batch)
         if step % 10 == 0 or step == args.steps:
             loss = float(loss)
             history.append((step, loss))
-            bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{step * args.batch_size / (time.perf_counter() - start):.1f}")
+            examples_per_s = step * args.batch_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples_per_s:.1f}")
         if valid_data and (step % args.eval_every == 0 or step == args.steps):
             model.replace_params(params)
             figures = evaluate(model, valid_data, valid_examples, cfg)
@@ -401,10 +383,10 @@ def train(args) -> dict:
     return {"steps": args.steps, "losses": history, "seconds": time.perf_counter() - start}
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv=None, fresh_params: FreshParams = random_params, prog: str = "python -m paligemma.train") -> int:
+    args = _parser(prog).parse_args(argv)
     try:
-        summary = train(args)
+        summary = train(args, fresh_params)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

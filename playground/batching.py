@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 
 import paligemma
-from paligemma.samplers import Sampler, parse_sampler
 
 MAX_BATCH = 8  # one of the generator's batch buckets: larger batches would compile another shape
 GATHER_S = 0.005  # how long a request that finds the model idle waits for others to join it
@@ -32,6 +31,7 @@ class Update:
 
     text: str
     timing: dict  # Timing.as_dict() of the whole batch, plus batch_size and batch_wait_s
+    tokens: int = 0  # tokens of this request's answer so far, its EOS not counted
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,7 +40,8 @@ class _Job:
     image: object
     prompt: str
     max_new_tokens: int
-    sampler: Sampler
+    sampler: paligemma.Sampler
+    seed: int
     group: object  # jobs with equal groups may share a batch
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     updates: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
@@ -48,40 +49,40 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, seed: int = 0, chunk: int | None = None, max_batch: int = MAX_BATCH,
-                 gather_s: float = GATHER_S):
+    def __init__(self, seed: int = 0, chunk: int | None = None, max_batch: int = MAX_BATCH, gather_s: float = GATHER_S):
         """seed and chunk: passed to every `Model.run` (chunk: stream every this many tokens)."""
         self.seed, self.chunk, self.max_batch, self.gather_s = seed, chunk, max_batch, gather_s
         self._pending: list[_Job] = []
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
 
-    def submit(self, model: paligemma.Model, image, prompt: str, max_new_tokens: int,
-               sampler: str | Sampler = "greedy") -> Iterator[Update]:
-        """Queues one request; iterate the result for its updates. A request the model would refuse (a prompt
-        too long) raises here, before it can join a batch and fail the others; a failure of the batch's
-        run is raised to each of its members."""
+    def submit(
+        self,
+        model: paligemma.Model,
+        image,
+        prompt: str,
+        max_new_tokens: int,
+        sampler: str | paligemma.Sampler = "greedy",
+        seed: int | None = None,
+        tick_s: float | None = None,
+    ) -> Iterator[Update | None]:
+        """Queues one request; iterate the result for its updates, close it to cancel the request (a waiting
+        request is dropped, a running batch stops once none of its members listens). A request the model
+        would refuse (a prompt too long) raises here, before it can join a batch and fail the others; a
+        failure of the batch's run is raised to each of its members. seed: for sampled decodings (a sampled
+        request runs alone), by default the batcher's. tick_s: when given, the stream also yields None after each
+        tick_s seconds without news, so that its reader can say it is still waiting."""
         model.encode_prompt(prompt)
-        sampler = parse_sampler(sampler)
+        sampler = paligemma.parse_sampler(sampler)
         group = (model, sampler, max_new_tokens) if sampler.kind == "greedy" else object()
-        job = _Job(model, image, prompt, max_new_tokens, sampler, group)
+        job = _Job(model, image, prompt, max_new_tokens, sampler, self.seed if seed is None else seed, group)
         with self._changed:
             self._pending.append(job)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
                 self._worker.start()
             self._changed.notify()
-        return self._updates(job)
-
-    @staticmethod
-    def _updates(job: _Job) -> Iterator[Update]:
-        try:
-            while (item := job.updates.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            job.abandoned = True
+        return _Stream(job, tick_s)
 
     def _work(self) -> None:
         while True:
@@ -91,15 +92,22 @@ class Batcher:
         """The oldest request and up to max_batch - 1 more of its group, once the batch is full or the
         oldest has waited gather_s (at once when it arrived while the model was busy)."""
         with self._changed:
-            while not self._pending:
+            while not self._drop_abandoned():
                 self._changed.wait()
             oldest = self._pending[0]
-            while (len(self._members(oldest.group)) < self.max_batch
-                   and (left := oldest.submitted + self.gather_s - time.monotonic()) > 0):
+            while (
+                len(self._members(oldest.group)) < self.max_batch
+                and (left := oldest.submitted + self.gather_s - time.monotonic()) > 0
+            ):
                 self._changed.wait(left)
             batch = self._members(oldest.group)
             self._pending = [job for job in self._pending if job not in batch]
         return batch
+
+    def _drop_abandoned(self) -> list[_Job]:
+        """The pending requests someone still listens to (a cancelled one never reaches the model)."""
+        self._pending = [job for job in self._pending if not job.abandoned]
+        return self._pending
 
     def _members(self, group) -> list[_Job]:
         return [job for job in self._pending if job.group == group][: self.max_batch]
@@ -109,13 +117,20 @@ class Batcher:
         first = batch[0]
         outcome = _DONE
         try:
-            run = first.model.run([job.image for job in batch], [job.prompt for job in batch], first.max_new_tokens,
-                                  first.sampler, self.seed, chunk=self.chunk)
+            run = first.model.run(
+                [job.image for job in batch],
+                [job.prompt for job in batch],
+                first.max_new_tokens,
+                first.sampler,
+                first.seed,
+                chunk=self.chunk,
+            )
             with contextlib.closing(run) as results:
                 for result in results:
                     timing = {**result.timing.as_dict(), "batch_size": len(batch)}
-                    for job, text in zip(batch, result.texts):
-                        job.updates.put(Update(text, {**timing, "batch_wait_s": round(started - job.submitted, 4)}))
+                    for job, text, ids in zip(batch, result.texts, result.token_ids):
+                        wait = round(started - job.submitted, 4)
+                        job.updates.put(Update(text, {**timing, "batch_wait_s": wait}, len(ids)))
                     if all(job.abandoned for job in batch):
                         break  # nobody is listening: free the accelerator
         except Exception as err:  # every member hears of it (and logs it); the worker goes on with the next batch
@@ -123,3 +138,28 @@ class Batcher:
         finally:
             for job in batch:
                 job.updates.put(outcome)
+
+
+class _Stream:
+    """One request's updates; closing it, even before the first update, tells the worker nobody listens."""
+
+    def __init__(self, job: _Job, tick_s: float | None = None):
+        self._job, self._tick_s = job, tick_s
+
+    def __iter__(self) -> _Stream:
+        return self
+
+    def __next__(self) -> Update | None:
+        try:
+            item = self._job.updates.get(timeout=self._tick_s)
+        except queue.Empty:
+            return None
+        if item is _DONE or isinstance(item, Exception):
+            self.close()
+            if item is _DONE:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._job.abandoned = True

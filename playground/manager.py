@@ -16,24 +16,19 @@ import threading
 import time
 from collections.abc import Callable
 
-import jax
-import psutil
-
 import paligemma
 import postprocess
-from paligemma import hub
 from playground.registry import DEMO_NAME, ModelEntry, Registry
-from postprocess.parse import SEG_TOKENS_PER_MASK
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
-# Weights on disk → memory needed: bfloat16 files widen to float32 on CPU, and the cache and activations need room.
-MEMORY_PER_WEIGHT_BYTE = 2.0
+_DOWNLOAD = (0.05, 0.6)  # the share of the progress bar that downloads take
 _WEIGHT_PATTERNS = ("*.safetensors", "*.npz")
-_NOT_WEIGHTS = ("vae-oid.npz", "vqvae-encoder.npz")
-DEMO_MISSING = (": the demo model ships with the repository as assets/demo/ (model.npz, tokenizer.model, "
-                "vae-oid.npz); use a complete checkout (git lfs pull if it uses Git LFS)")
+DEMO_MISSING = (
+    ": the demo model ships with the repository as assets/demo/ (model.npz, tokenizer.model, "
+    "vae-oid.npz); use a complete checkout (git lfs pull if it uses Git LFS)"
+)
 
 
 class ModelUnavailable(ValueError):
@@ -44,7 +39,7 @@ class ModelUnavailable(ValueError):
 class ReadyModel:
     entry: ModelEntry
     model: paligemma.Model
-    masks: postprocess.MaskDecoder | None  # None when the checkpoint has no vae-oid.npz beside it
+    masks: postprocess.MaskDecoder | None  # None when no mask decoder could be had: see mask_note
     load_s: float
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -54,6 +49,11 @@ class ReadyModel:
         size = info["parameters"]
         size_text = f"{size / 1e9:.2f} B" if size >= 1e9 else f"{size / 1e6:.1f} M"
         return f"{info['name']} · {size_text} parameters · {info['dtype']} · {info['device']}"
+
+    @property
+    def mask_note(self) -> str | None:
+        """Why this model draws boxes but no masks (one line), or None when it has its mask decoder."""
+        return self.model.mask_decoder_note if self.masks is None else None
 
 
 @dataclasses.dataclass
@@ -67,12 +67,35 @@ class _Load:
 
 
 def available_bytes() -> int:
-    """Free memory where the weights go: the accelerator's if it reports it, else the host's."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    return int(psutil.virtual_memory().available)
+    """Free memory where the weights go: the default accelerator's, else the host's."""
+    return paligemma.free_memory()[0]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
+
+
+def describe_requirements(found: paligemma.Requirements, free: int) -> dict:
+    """The page's view of a model's sizes: download and memory bytes, gated, fits (None: unknown), one line."""
+    need = found.need
+    fits = None if need is None else need.total <= free
+    parts = [
+        f"{_size(found.download)} download" if found.download else None,
+        "gated: needs HF_TOKEN with the licence accepted" if found.gated else None,
+        paligemma.describe_fit(need, free) + f" ({_size(free)} free)" if need else "memory need unknown",
+    ]
+    text = " · ".join(p for p in parts if p)
+    if need is None and found.download is None:
+        text = "size unknown" + (f": {found.unknown_because}" if found.unknown_because else "")
+    return {
+        "download_bytes": found.download,
+        "memory_bytes": need.total if need else None,
+        "dtype": need.dtype if need else None,
+        "gated": found.gated,
+        "fits": fits,
+        "free_bytes": free,
+        "text": text,
+    }
 
 
 def weight_bytes(path: str) -> int:
@@ -80,12 +103,11 @@ def weight_bytes(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
     files = {f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(path, pattern))}
-    return sum(os.path.getsize(f) for f in files if os.path.basename(f) not in _NOT_WEIGHTS)
+    return sum(os.path.getsize(f) for f in files if os.path.basename(f) not in paligemma.NOT_WEIGHTS)
 
 
 class ModelManager:
-    def __init__(self, registry: Registry, warmup_tokens: int | None = 64,
-                 memory: Callable[[], int] = available_bytes):
+    def __init__(self, registry: Registry, warmup_tokens: int | None = 64, memory: Callable[[], int] = available_bytes):
         """warmup_tokens: the new-token budget whose compiled functions are built at load time (None: none)."""
         self.registry = registry
         self.warmup_tokens = warmup_tokens
@@ -94,6 +116,7 @@ class ModelManager:
         self._ready: dict[str, ReadyModel] = {}
         self._loads: dict[str, _Load] = {}
         self._failures: dict[str, str] = {}
+        self._requirements: dict[str, paligemma.Requirements | threading.Event] = {}
         self._one_load_at_a_time = threading.Lock()  # two loads at once would misjudge the free memory
 
     @property
@@ -126,6 +149,44 @@ class ModelManager:
             ready.last_used = time.monotonic()
             return ready
 
+    def requirements(self, name: str, wait: bool = True) -> dict:
+        """What model `name` asks of this machine before anyone loads it: {"download_bytes", "memory_bytes",
+        "dtype", "gated", "fits", "free_bytes", "text"} (None where unknown; text e.g. '6.1 GB download · 12.2 GB
+        (float32) · fits (31.0 GB free)' or 'size unknown: …'). Measured once per model (a Hub repo: its metadata
+        and config.json, a few KB) and cached; wait=False never blocks: it starts the measurement in the
+        background and answers {"text": "size: checking…", ... None} until it is done."""
+        entry = self.registry.get(name)
+        with self._lock:
+            known = self._requirements.get(name)
+            if known is None:
+                known = self._requirements[name] = threading.Event()
+                threading.Thread(target=self._measure, args=(entry, known), name=f"size {name}", daemon=True).start()
+        if isinstance(known, threading.Event):
+            if not wait:
+                return {
+                    "download_bytes": None,
+                    "memory_bytes": None,
+                    "dtype": None,
+                    "gated": None,
+                    "fits": None,
+                    "free_bytes": None,
+                    "text": "size: checking…",
+                }
+            known.wait()
+            with self._lock:
+                known = self._requirements[name]
+        return describe_requirements(known, self._memory())
+
+    def _measure(self, entry: ModelEntry, done: threading.Event) -> None:
+        try:
+            found = paligemma.requirements(entry.source, entry.dtype)
+        except Exception as err:  # noqa: BLE001 - a size is a nicety: never let it break the page
+            log.warning("could not measure model %r: %s", entry.name, err)
+            found = paligemma.Requirements(None, None, None, f"{type(err).__name__}")
+        with self._lock:
+            self._requirements[entry.name] = found
+        done.set()
+
     def status(self, name: str) -> str:
         """One line for the page: what the model is and whether it is ready, loading or broken."""
         entry = self.registry.get(name)
@@ -133,7 +194,8 @@ class ModelManager:
             ready, load, failure = self._ready.get(name), self._loads.get(name), self._failures.get(name)
         notes = f" — {entry.notes}" if entry.notes else ""
         if ready is not None:
-            return f"**{ready.info_line()}** · ready (loaded in {ready.load_s:.1f} s){notes}"
+            masks = f" · ⚠️ boxes only, no masks: {ready.mask_note}" if ready.mask_note else ""
+            return f"**{ready.info_line()}** · ready (loaded in {ready.load_s:.1f} s){masks}{notes}"
         if load is not None:
             return f"Loading: {load.message} ({load.fraction:.0%}){notes}"
         if failure is not None:
@@ -186,20 +248,33 @@ class ModelManager:
         def step(fraction: float, message: str) -> None:
             load.fraction, load.message = fraction, message
 
-        step(0.05, f"downloading {entry.source} from the Hugging Face Hub" if entry.on_hub else "finding the weights")
-        if not entry.on_hub and not os.path.exists(entry.source):
-            raise ModelUnavailable(f"{entry.source} does not exist on this server" + (DEMO_MISSING if entry.name == DEMO_NAME else ""))
-        path = hub.resolve(entry.source)
-        step(0.3, "making room in memory")
-        self._make_room(int(weight_bytes(path) * MEMORY_PER_WEIGHT_BYTE), keep=entry.name)
-        step(0.35, "reading the weights")
-        model = paligemma.load(path, dtype=entry.dtype)
+        def downloading(file: str, done: int, total: int) -> None:
+            low, high = _DOWNLOAD
+            of = f" of {_size(total)}" if total else ""
+            step(low + (high - low) * (done / total if total else 0.0), f"downloading {file}: {_size(done)}{of}")
+
+        step(0.02, "checking the model's size")
+        if not entry.remote and not os.path.exists(entry.source):
+            missing = DEMO_MISSING if entry.name == DEMO_NAME else ""
+            raise ModelUnavailable(f"{entry.source} does not exist on this server{missing}")
+        need = self.requirements(entry.name)["memory_bytes"]
+        if need:
+            step(0.04, "making room in memory")
+            self._make_room(need, keep=entry.name)
+        step(_DOWNLOAD[0], f"fetching {entry.source}" if entry.remote else "finding the weights")
+        model = paligemma.load(
+            entry.source,
+            dtype=entry.dtype,
+            tokenizer=entry.tokenizer,
+            mask_decoder=entry.mask_decoder,
+            progress=downloading,
+        )
         masks = postprocess.MaskDecoder.load(model.mask_decoder_path) if model.mask_decoder_path else None
         if self.warmup_tokens is not None:
             step(0.7, "compiling (warm-up run)")
             model.warmup(max_new_tokens=self.warmup_tokens)
             if masks is not None:
-                masks([[0] * SEG_TOKENS_PER_MASK])  # compiles the decoder for one mask, the common case
+                masks([[0] * paligemma.SEG_TOKENS_PER_MASK])  # compiles the decoder for one mask, the common case
         return ReadyModel(entry, model, masks, load_s=0.0)
 
     def _make_room(self, needed: int, keep: str) -> None:
@@ -214,7 +289,7 @@ class ModelManager:
 
 def _explain(entry: ModelEntry, err: Exception) -> str:
     """A message for a person; never the environment (HF_TOKEN stays out of every message)."""
-    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err):
+    if paligemma.is_out_of_memory(err):
         return f"{entry.name}: not enough memory to load it; pick a smaller model or free the accelerator"
     if isinstance(err, (ValueError, OSError)):
         return f"{entry.name}: {err}"

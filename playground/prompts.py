@@ -78,6 +78,7 @@ class Example:
     image: str  # absolute path
     prompt: str
     objects: tuple[dict, ...] = ()  # the truth of a synthetic scene: {"label", "box" [x1, y1, x2, y2]}
+    models: tuple[str, ...] = ()  # the models known to answer it; () for any
 
 
 def load_examples(folder: str) -> list[Example]:
@@ -86,11 +87,24 @@ def load_examples(folder: str) -> list[Example]:
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)["examples"]
-        examples = [Example(row["task"], os.path.abspath(os.path.join(folder, row["image"])), row["prompt"],
-                            tuple(row.get("objects", ()))) for row in rows]
+        examples = [
+            Example(
+                row["task"],
+                os.path.abspath(os.path.join(folder, row["image"])),
+                row["prompt"],
+                tuple(row.get("objects", ())),
+                tuple(row.get("models", ())),
+            )
+            for row in rows
+        ]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"cannot read the examples list {path}: {err}") from None
     missing = [ex.image for ex in examples if not os.path.isfile(ex.image)]
     if missing:
         raise ValueError(f"{path} lists images that do not exist: {', '.join(missing)}")
     return examples
+
+
+def examples_for(model: str, examples: list[Example]) -> list[Example]:
+    """The examples to offer with `model`: those that name it in their "models" list, or name no model."""
+    return [ex for ex in examples if not ex.models or model in ex.models]

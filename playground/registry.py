@@ -1,15 +1,20 @@
 """Which models the playground offers: the embedded demo, a registry file, and an environment variable.
 
-Visitors pick a model by name only; sources (local paths, Hub repo ids) come from here and nowhere else.
+Visitors pick a model by name only; sources (local paths, Hub repo ids, `kaggle:` handles) come from here and
+nowhere else.
 
 Registry file, JSON or YAML:
 
     {"default": "demo",
      "models": [{"name": "PaliGemma 2 3B mix 224", "source": "google/paligemma2-3b-mix-224",
-                 "notes": "gated: accept the licence, set HF_TOKEN", "dtype": "bfloat16"}]}
+                 "notes": "gated: accept the licence, set HF_TOKEN", "dtype": "bfloat16"},
+                {"name": "big_vision 3B", "source": "kaggle:google/paligemma-2/jax/paligemma2-3b-mix-224/1",
+                 "tokenizer": "/data/paligemma_tokenizer.model", "mask_decoder": "/data/vae-oid.npz"}]}
 
-Relative local paths are read relative to the file. Environment variable (comma-separated, `name=source`
-or a bare source named after itself):
+`tokenizer` and `mask_decoder` are optional: without them both are looked up beside the weights, in the cache,
+then where they are published (see paligemma/companions.py). Relative local paths are read relative to the file.
+
+Environment variable (comma-separated, `name=source` or a bare source named after itself):
 
     PALIGEMMA_MODELS="google/paligemma2-3b-mix-224,mine=/data/finetuned.npz"
 """
@@ -22,12 +27,11 @@ import os
 
 import yaml
 
-from paligemma import hub
+import paligemma
 
 ENV_VAR = "PALIGEMMA_MODELS"
 DEMO_NAME = "demo"
 DEMO_NOTES = "Embedded demo: synthetic shapes (circle, square, triangle in red, green, blue, yellow); works offline."
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class RegistryError(ValueError):
@@ -37,12 +41,19 @@ class RegistryError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     name: str
-    source: str  # an absolute local path, or a Hugging Face Hub repo id
+    source: str  # an absolute local path, a Hugging Face Hub repo id, or a kaggle: handle
     notes: str = ""
     dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU
+    tokenizer: str | None = None  # absolute path; None: found beside the weights, cached or published
+    mask_decoder: str | None = None  # absolute path of a vae-oid.npz; None: likewise
 
     @property
     def on_hub(self) -> bool:
+        return paligemma.is_repo_id(self.source)
+
+    @property
+    def remote(self) -> bool:
+        """Downloaded on first use (Hub or Kaggle) rather than read from this server's disk."""
         return not os.path.isabs(self.source)
 
 
@@ -62,22 +73,44 @@ class Registry:
 
     def local_sources(self) -> list[str]:
         """Local weight files and folders, so that the web server can refuse to serve them."""
-        return [item.source for item in self.entries.values() if not item.on_hub]
+        files = [path for item in self.entries.values() for path in (item.tokenizer, item.mask_decoder) if path]
+        return [item.source for item in self.entries.values() if not item.remote] + files
 
 
-def entry(name: str, source: str, notes: str = "", dtype: str | None = None, base: str = ".") -> ModelEntry:
-    """A checked entry; `source` is a Hub repo id unless it names a path (relative ones are joined to `base`)."""
+FIELDS = ("name", "source", "notes", "dtype", "tokenizer", "mask_decoder")
+
+
+def entry(
+    name: str,
+    source: str,
+    notes: str = "",
+    dtype: str | None = None,
+    base: str = ".",
+    tokenizer: str | None = None,
+    mask_decoder: str | None = None,
+) -> ModelEntry:
+    """A checked entry; `source` is a Hub repo id or a kaggle: handle unless it names a path (relative ones, and
+    the companion paths, are joined to `base`)."""
     if not isinstance(name, str) or not name.strip():
         raise RegistryError(f"a model needs a non-empty name, got {name!r}")
     if not isinstance(source, str) or not source.strip():
         raise RegistryError(f"model {name!r} needs a source: a local path or a Hugging Face repo id")
-    if dtype is not None and dtype not in _DTYPES:
-        raise RegistryError(f"model {name!r}: unknown dtype {dtype!r}; accepted: {', '.join(_DTYPES)} or none")
+    if dtype is not None and dtype not in paligemma.DTYPE_NAMES:
+        raise RegistryError(
+            f"model {name!r}: unknown dtype {dtype!r}; accepted: {', '.join(paligemma.DTYPE_NAMES)} or none"
+        )
     source = os.path.expanduser(source.strip())
     local = os.path.join(base, source)
-    if os.path.isabs(source) or os.path.exists(local) or not hub.is_repo_id(source):
+    if not paligemma.is_kaggle_source(source) and (
+        os.path.isabs(source) or os.path.exists(local) or not paligemma.is_repo_id(source)
+    ):
         source = os.path.abspath(local)
-    return ModelEntry(name.strip(), source, str(notes or ""), dtype)
+    companions = []
+    for field, path in (("tokenizer", tokenizer), ("mask_decoder", mask_decoder)):
+        if path is not None and (not isinstance(path, str) or not path.strip()):
+            raise RegistryError(f"model {name!r}: {field} must be the path of a file, got {path!r}")
+        companions.append(os.path.abspath(os.path.join(base, os.path.expanduser(path.strip()))) if path else None)
+    return ModelEntry(name.strip(), source, str(notes or ""), dtype, *companions)
 
 
 def demo_entry(folder: str) -> ModelEntry:
@@ -93,12 +126,23 @@ def read_file(path: str) -> tuple[list[ModelEntry], str | None]:
         raise RegistryError(f"cannot read the model registry {path}: {err}") from None
     models = data.get("models") if isinstance(data, dict) else None
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
-        raise RegistryError(f"{path}: expected {{\"models\": [{{\"name\", \"source\", \"notes\"}}, ...]}}")
+        raise RegistryError(f'{path}: expected {{"models": [{{"name", "source", "notes"}}, ...]}}')
     base = os.path.dirname(os.path.abspath(path))
-    unknown = {key for m in models for key in m} - {"name", "source", "notes", "dtype"}
+    unknown = {key for m in models for key in m} - set(FIELDS)
     if unknown:
-        raise RegistryError(f"{path}: unknown model fields {sorted(unknown)}; accepted: name, source, notes, dtype")
-    entries = [entry(m.get("name"), m.get("source"), m.get("notes", ""), m.get("dtype"), base) for m in models]
+        raise RegistryError(f"{path}: unknown model fields {sorted(unknown)}; accepted: {', '.join(FIELDS)}")
+    entries = [
+        entry(
+            m.get("name"),
+            m.get("source"),
+            m.get("notes", ""),
+            m.get("dtype"),
+            base,
+            m.get("tokenizer"),
+            m.get("mask_decoder"),
+        )
+        for m in models
+    ]
     return entries, data.get("default")
 
 

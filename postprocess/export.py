@@ -6,14 +6,15 @@ string so that the JSON is plain text; `mask_from_rle` reads it back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from postprocess.confidence import ObjectConfidence
 from postprocess.parse import Piece, objects
 
-PREDICTION_SCORE = 1.0  # PaliGemma states no confidence; COCO results need one
+UNSCORED = 1.0  # the COCO score of an object whose token probabilities were not recorded
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -27,29 +28,45 @@ def mask_from_rle(rle: Mapping) -> np.ndarray:
     return coco_mask.decode({"size": list(rle["size"]), "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
-def to_json(pieces: Iterable[Piece], width: int, height: int) -> dict:
+def to_json(
+    pieces: Iterable[Piece], width: int, height: int, confidences: Sequence[ObjectConfidence] | None = None
+) -> dict:
     """{"width", "height", "objects": [{"label", "box" (pixels x1, y1, x2, y2), "box_normalized"
-    (the same over width/height, in [0, 1]), "mask" (bool), "segmentation" (RLE or null)}]}."""
+    (the same over width/height, in [0, 1]), "mask" (bool), "segmentation" (RLE or null)}]}.
+
+    With `confidences` (postprocess.object_confidences, one per object) each object also gets its "score" and
+    "confidence" (box, label and mask scores, and the top bins of each box edge)."""
+    found = objects(pieces)
+    _check_aligned(found, confidences)
     out = []
-    for obj in objects(pieces):
+    for i, obj in enumerate(found):
         x1, y1, x2, y2 = obj.box
-        out.append(
-            {
-                "label": obj.label,
-                "box": [x1, y1, x2, y2],
-                "box_normalized": [x1 / width, y1 / height, x2 / width, y2 / height],
-                "mask": obj.mask is not None,
-                "segmentation": mask_to_rle(obj.mask) if obj.mask is not None else None,
-            }
-        )
+        entry = {
+            "label": obj.label,
+            "box": [x1, y1, x2, y2],
+            "box_normalized": [x1 / width, y1 / height, x2 / width, y2 / height],
+            "mask": obj.mask is not None,
+            "segmentation": mask_to_rle(obj.mask) if obj.mask is not None else None,
+        }
+        if confidences is not None:
+            entry["score"] = confidences[i].score
+            entry["confidence"] = confidences[i].as_dict()
+        out.append(entry)
     return {"width": width, "height": height, "objects": out}
 
 
+def _check_aligned(found: list, confidences: Sequence[ObjectConfidence] | None) -> None:
+    if confidences is not None and len(confidences) != len(found):
+        raise ValueError(f"{len(confidences)} confidences for {len(found)} objects: give one per object, in order")
+
+
 def to_coco_results(
-    batch: Iterable[tuple[int, Iterable[Piece]]], category_ids: Mapping[str, int] | None = None
+    batch: Iterable[tuple[int, Iterable[Piece]] | tuple[int, Iterable[Piece], Sequence[ObjectConfidence]]],
+    category_ids: Mapping[str, int] | None = None,
 ) -> list[dict]:
     """COCO results ({"image_id", "category_id", "bbox" [x, y, w, h], "score"[, "segmentation"]}) for
-    (image_id, pieces) pairs, ready for `COCO.loadRes`.
+    (image_id, pieces) or (image_id, pieces, confidences) tuples, ready for `COCO.loadRes`. The score is each
+    object's confidence (postprocess.object_confidences) when given, else UNSCORED.
 
     category_ids: label → COCO category id. Objects whose label is not in it are left
     out: a sampled model may name things the dataset has no category for. Without it,
@@ -57,8 +74,11 @@ def to_coco_results(
     """
     ids = dict(category_ids) if category_ids is not None else {}
     results = []
-    for image_id, pieces in batch:
-        for obj in objects(pieces):
+    for image_id, pieces, *scored in batch:
+        found = objects(pieces)
+        confidences = scored[0] if scored else None
+        _check_aligned(found, confidences)
+        for i, obj in enumerate(found):
             if category_ids is None:
                 ids.setdefault(obj.label, len(ids) + 1)
             if obj.label not in ids:
@@ -68,7 +88,7 @@ def to_coco_results(
                 "image_id": image_id,
                 "category_id": ids[obj.label],
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
-                "score": PREDICTION_SCORE,
+                "score": UNSCORED if confidences is None else confidences[i].score,
             }
             if obj.mask is not None:
                 result["segmentation"] = mask_to_rle(obj.mask)

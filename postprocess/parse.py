@@ -23,10 +23,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-NUM_LOC_BINS = 1024
-NUM_SEG_CODES = 128
-SEG_TOKENS_PER_MASK = 16
+from paligemma import NUM_LOC, NUM_SEG, SEG_TOKENS_PER_MASK
+
 SEPARATOR = " ; "
+UNLABELLED = "object"  # the display name of an object the model gave no label
 
 _OBJECT_RE = re.compile(
     r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>"  # y1 x1 y2 x2
@@ -68,19 +68,18 @@ Piece = Text | Object
 
 def bin_to_pixel(bin_index: int, size: int) -> int:
     """Decoding: the pixel coordinate of a location bin, as the published demos compute it."""
-    return round(bin_index / NUM_LOC_BINS * size)
+    return round(bin_index / NUM_LOC * size)
 
 
 def pixel_to_bin(pixel: float, size: int) -> int:
     """Encoding: the location bin of a pixel coordinate; the inverse of `bin_to_pixel`."""
-    return min(max(round(pixel / size * NUM_LOC_BINS), 0), NUM_LOC_BINS - 1)
+    return min(max(round(pixel / size * NUM_LOC), 0), NUM_LOC - 1)
 
 
-def parse(text: str, width: int, height: int, unique_labels: bool = False) -> list[Piece]:
+def parse(text: str, width: int, height: int) -> list[Piece]:
     """The ordered pieces of a model output; `"".join(p.text for p in pieces) == text`.
 
-    unique_labels: rename repeated labels "cat", "cat 2", "cat 3", ... so that each
-    object can be told apart (e.g. as keys of a legend).
+    Objects keep the model's labels, as exported data should; `display_labels` names them for a page.
     """
     _check_size(width, height)
     pieces: list[Piece] = []
@@ -92,8 +91,7 @@ def parse(text: str, width: int, height: int, unique_labels: bool = False) -> li
         position = match.end()
     if position < len(text):
         pieces.append(Text(text[position:]))
-    pieces = _merge_adjacent_text(pieces)
-    return _make_labels_unique(pieces) if unique_labels else pieces
+    return _merge_adjacent_text(pieces)
 
 
 def objects(pieces: Iterable[Piece]) -> list[Object]:
@@ -138,7 +136,7 @@ def _object_or_text(match: re.Match, width: int, height: int) -> Piece:
     if match.group("segs"):
         codes = tuple(int(code) for code in _SEG_CODE_RE.findall(match.group("segs")))
     box = (bin_to_pixel(x1, width), bin_to_pixel(y1, height), bin_to_pixel(x2, width), bin_to_pixel(y2, height))
-    in_range = max(y1, x1, y2, x2) < NUM_LOC_BINS and (codes is None or max(codes) < NUM_SEG_CODES)
+    in_range = max(y1, x1, y2, x2) < NUM_LOC and (codes is None or max(codes) < NUM_SEG)
     if not in_range or box[2] <= box[0] or box[3] <= box[1]:
         return Text(span)
     return Object(label=match.group("label").strip(), box=box, text=span, seg_codes=codes)
@@ -154,15 +152,18 @@ def _merge_adjacent_text(pieces: list[Piece]) -> list[Piece]:
     return merged
 
 
-def _make_labels_unique(pieces: list[Piece]) -> list[Piece]:
+def display_labels(pieces: Iterable[Piece]) -> list[Piece]:
+    """The pieces with a readable, distinct name per object, for display only (a legend's keys, a picture's tags):
+    an unlabelled object is "object", and repeats are numbered "cat", "cat 2", "cat 3", ..."""
     seen: set[str] = set()
     renamed: list[Piece] = []
     for piece in pieces:
         if isinstance(piece, Object):
-            label, count = piece.label, 1
+            base = piece.label or UNLABELLED
+            label, count = base, 1
             while label in seen:
                 count += 1
-                label = f"{piece.label} {count}"
+                label = f"{base} {count}"
             seen.add(label)
             piece = dataclasses.replace(piece, label=label)
         renamed.append(piece)
@@ -187,8 +188,8 @@ def _checked_box(box: Sequence[float], width: int, height: int) -> tuple[float, 
 
 def _checked_seg_codes(seg_codes: Sequence[int]) -> list[int]:
     codes = [int(code) for code in seg_codes]
-    if len(codes) != SEG_TOKENS_PER_MASK or not all(0 <= code < NUM_SEG_CODES for code in codes):
+    if len(codes) != SEG_TOKENS_PER_MASK or not all(0 <= code < NUM_SEG for code in codes):
         raise ValueError(
-            f"seg_codes must be {SEG_TOKENS_PER_MASK} integers in 0..{NUM_SEG_CODES - 1}, got {list(seg_codes)!r}"
+            f"seg_codes must be {SEG_TOKENS_PER_MASK} integers in 0..{NUM_SEG - 1}, got {list(seg_codes)!r}"
         )
     return codes

@@ -32,7 +32,8 @@ import numpy as np
 from jax import lax
 from PIL import Image
 
-from postprocess.parse import NUM_SEG_CODES, SEG_TOKENS_PER_MASK, Object, Piece
+from paligemma import NUM_SEG, SEG_TOKENS_PER_MASK
+from postprocess.parse import Object, Piece
 
 MASK_SIZE = 64
 CODEBOOK_KEY = "_vq_vae._embedding"
@@ -48,7 +49,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 Params = dict
 
 
-def published_shapes(codebook_size: int = NUM_SEG_CODES, embedding_dim: int = 512) -> dict[str, tuple[int, ...]]:
+def published_shapes(codebook_size: int = NUM_SEG, embedding_dim: int = 512) -> dict[str, tuple[int, ...]]:
     """Key → shape of every array the decoder reads from a `vae-oid.npz`-layout checkpoint."""
     shapes = {CODEBOOK_KEY: (codebook_size, embedding_dim)}
 
@@ -138,7 +139,7 @@ def params_to_published(params: Params) -> dict[str, np.ndarray]:
     return out
 
 
-def init_decoder_params(rng: jax.Array, codebook_size: int = NUM_SEG_CODES, embedding_dim: int = 512) -> Params:
+def init_decoder_params(rng: jax.Array, codebook_size: int = NUM_SEG, embedding_dim: int = 512) -> Params:
     """A random decoder in the same pytree, for training: He-normal kernels, zero biases, N(0, 1) codebook."""
     shapes = published_shapes(codebook_size, embedding_dim)
     sizes = [math.prod(shape) for shape in shapes.values()]

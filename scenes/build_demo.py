@@ -3,8 +3,9 @@ training -> assets/demo.
 
     python -m scenes.build_demo --out assets/demo --data data/shapes_det --final-data data/shapes_det_final
 
-Expects the mask VQ-VAE in --out already (`python -m scenes.vqvae_train --out assets/demo`), since the
-segment targets are its codes. A tokenizer already in --out is kept, so a rebuild keeps the vocabulary.
+Expects the mask VQ-VAE already trained (`python -m scenes.vqvae_train --out assets/demo`: its decoder in --out,
+its encoder in scenes/assets), since the segment targets are its codes. A tokenizer already in --out is kept, so
+a rebuild keeps the vocabulary.
 Trained from prompts alone, a model this small never learned where objects are. So the image encoder is first
 pretrained on dense patch targets (scenes/vision_pretrain.py: each patch's object and its box, read out in the
 code space of the loc tokens), then frozen while the decoder learns the prompts, with soft loc targets and
@@ -72,20 +73,29 @@ def dataset_texts(folder: str) -> list[str]:
 
 
 def ensure_dataset(folder: str, num_scenes: int, spec: DatasetSpec, vqvae_folder: str) -> None:
-    """Writes the dataset `spec` describes unless `folder` already holds one."""
+    """Writes the dataset `spec` describes unless `folder` already holds one; vqvae_folder holds the VQ-VAE's
+    decoder (its encoder is the one in scenes/assets)."""
     if not os.path.isfile(os.path.join(folder, "train.jsonl")):
-        summary = write_dataset(folder, num_scenes, spec.seed, load_vqvae(vqvae_folder),
-                                parse_mix(spec.mix, spec.positive_rate), valid_fraction=0.02)
+        summary = write_dataset(
+            folder,
+            num_scenes,
+            spec.seed,
+            load_vqvae(vqvae_folder),
+            parse_mix(spec.mix, spec.positive_rate),
+            valid_fraction=0.02,
+        )
         print(json.dumps(summary), file=sys.stderr)
 
 
 def round_plan(args) -> list[tuple[str, float, float]]:
     """(dataset, encoder learning-rate scale, learning rate) of each decoder round, in order."""
-    return ([(args.data, 0.0, args.lr)] * args.rounds + [(args.final_data, 0.0, args.lr)] * args.final_rounds
-            + [(args.final_data, ENCODER_LR_SCALE, args.lr)] * args.tuning_rounds
-            + [(args.final_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE ** (k + 1))
-               for k in range(args.polish_rounds)]
-            + [(args.caption_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE)] * args.caption_rounds)
+    return (
+        [(args.data, 0.0, args.lr)] * args.rounds
+        + [(args.final_data, 0.0, args.lr)] * args.final_rounds
+        + [(args.final_data, ENCODER_LR_SCALE, args.lr)] * args.tuning_rounds
+        + [(args.final_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE ** (k + 1)) for k in range(args.polish_rounds)]
+        + [(args.caption_data, ENCODER_LR_SCALE, args.lr * POLISH_LR_SCALE)] * args.caption_rounds
+    )
 
 
 def main(argv=None) -> int:
@@ -99,13 +109,25 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2000, help="decoder steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="decoder rounds on --data")
     parser.add_argument("--final-rounds", type=int, default=4, help="decoder rounds on --final-data after those")
-    parser.add_argument("--tuning-rounds", type=int, default=4,
-                        help="rounds on --final-data after those that train the image encoder too")
-    parser.add_argument("--polish-rounds", type=int, default=1,
-                        help="tuning rounds after those, each at POLISH_LR_SCALE of the rate before")
+    parser.add_argument(
+        "--tuning-rounds",
+        type=int,
+        default=4,
+        help="rounds on --final-data after those that train the image encoder too",
+    )
+    parser.add_argument(
+        "--polish-rounds",
+        type=int,
+        default=1,
+        help="tuning rounds after those, each at POLISH_LR_SCALE of the rate before",
+    )
     parser.add_argument("--caption-data", default="data/shapes_caption")
-    parser.add_argument("--caption-rounds", type=int, default=1,
-                        help="tuning rounds on --caption-data after those, at the first polish round's rate")
+    parser.add_argument(
+        "--caption-rounds",
+        type=int,
+        default=1,
+        help="tuning rounds on --caption-data after those, at the first polish round's rate",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
@@ -124,17 +146,52 @@ def main(argv=None) -> int:
         os.remove(tokenizer_prefix + ".vocab")
     print(f"tokenizer: {tok.vocab_size} pieces", file=sys.stderr)
     if not os.path.isfile(os.path.join(args.work, "model.npz")):
-        vision_pretrain.main(["--out", args.work, "--tokenizer", tok.path, "--config", "demo",
-                              "--steps", str(args.encoder_steps), "--seed", "0"])
+        vision_pretrain.main(
+            [
+                "--out",
+                args.work,
+                "--tokenizer",
+                tok.path,
+                "--config",
+                "demo",
+                "--steps",
+                str(args.encoder_steps),
+                "--seed",
+                "0",
+            ]
+        )
     start = args.work
     for round_, (data, encoder_lr_scale, lr) in enumerate(rounds):
-        status = train.main([
-            "--data", data, "--out", args.out, "--init", start, "--tokenizer", tok.path,
-            "--image-encoder-lr-scale", str(encoder_lr_scale), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--lr", str(lr), "--loc-sigma", str(vision_pretrain.BOX_SIGMA),
-            "--grounding", str(GROUNDING), "--eval-every", str(max(args.steps // 4, 1)), "--save-every", "300",
-            "--seed", str(round_),
-        ])
+        status = train.main(
+            [
+                "--data",
+                data,
+                "--out",
+                args.out,
+                "--init",
+                start,
+                "--tokenizer",
+                tok.path,
+                "--image-encoder-lr-scale",
+                str(encoder_lr_scale),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--lr",
+                str(lr),
+                "--loc-sigma",
+                str(vision_pretrain.BOX_SIGMA),
+                "--grounding",
+                str(GROUNDING),
+                "--eval-every",
+                str(max(args.steps // 4, 1)),
+                "--save-every",
+                "300",
+                "--seed",
+                str(round_),
+            ]
+        )
         if status:
             return status
         start = args.out

@@ -21,7 +21,7 @@ from PIL import Image
 
 from scenes.generate import Scene, scene_for
 from scenes.tasks import DEFAULT_MIX, TASKS, TaskMix, answer, parse_prompt, sample_prompts
-from scenes.vqvae_train import Params, encode_masks, load_vqvae, mask_crop64
+from scenes.vqvae_train import DECODER_FILE, ENCODER_DIR, ENCODER_FILE, Params, encode_masks, load_vqvae, mask_crop64
 
 IMAGE_DIR = "images"
 
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write (images/, train.jsonl, valid.jsonl)")
     parser.add_argument("--num-scenes", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--vqvae", help="folder with vae-oid.npz and vqvae-encoder.npz; without it, no segment prompts")
+    parser.add_argument("--vqvae", help=f"folder with the VQ-VAE's {DECODER_FILE}; without it, no segment prompts")
+    parser.add_argument("--vqvae-encoder", default=ENCODER_DIR, help=f"folder with the VQ-VAE's {ENCODER_FILE}")
     parser.add_argument(
         "--mix", default="", help=f"prompts per scene, e.g. 'detect=3,segment=2' (tasks: {', '.join(TASKS)})"
     )
@@ -106,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         mix = parse_mix(args.mix, args.positive_rate)
-        vqvae_params = load_vqvae(args.vqvae) if args.vqvae else None
+        vqvae_params = load_vqvae(args.vqvae, args.vqvae_encoder) if args.vqvae else None
         summary = write_dataset(args.out, args.num_scenes, args.seed, vqvae_params, mix, args.valid_fraction)
     except ValueError as error:
         parser.error(str(error))

@@ -4,7 +4,7 @@ Trained from scratch on prompts alone, a PaliGemma this small learns counts and 
 but never where objects are: four loc tokens per detect prompt are too little signal for the encoder to
 learn positions. Here every image patch has targets of its own (which object, if any, covers its centre,
 and that object's box), so the encoder learns in minutes features from which labels and boxes are a linear
-read-out. Box edges are read out as scores against `train.loc_codes`, the codes the decoder's `<locNNNN>`
+read-out. Box edges are read out as scores against `from_scratch.loc_codes`, the codes the decoder's `<locNNNN>`
 embeddings start from: a box in an image token is then a linear map away from the tokens that write it.
 The read-out is then dropped: the output is a whole PaliGemma checkpoint (a freshly initialised decoder)
 for `python -m paligemma.train --init DIR`.
@@ -25,19 +25,12 @@ import optax
 from PIL import Image
 from tqdm import tqdm
 
+from paligemma.config import CONFIGS
 from paligemma.siglip import encode_images
 from paligemma.tokenizer import NUM_LOC, Tokenizer
-from paligemma.train import (
-    CONFIGS,
-    fresh_params,
-    loc_codes,
-    model_input,
-    patches_inside,
-    save_checkpoint,
-    soft_loc_targets,
-    stored_image,
-)
+from paligemma.train import model_input, patches_inside, save_checkpoint, soft_loc_targets, stored_image
 from postprocess.parse import pixel_to_bin
+from scenes.from_scratch import fresh_params, loc_codes
 from scenes.generate import COLOURS, KINDS, Scene, scene_for
 
 LABELS = [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]  # class 0 is the background
@@ -65,16 +58,21 @@ def make_scenes(seed: int, count: int, grid: int, image_size: int) -> dict[str, 
     """`count` scenes of the series `seed` at the encoder's resolution, with their patch targets."""
     scenes = [scene_for(seed, i) for i in range(count)]
     targets = [patch_targets(s, grid) for s in scenes]  # bins: the same at any resolution
-    return {"images": np.stack([stored_image(Image.fromarray(s.image), image_size) for s in scenes]),
-            "classes": np.stack([c for c, _ in targets]), "boxes": np.stack([b for _, b in targets])}
+    return {
+        "images": np.stack([stored_image(Image.fromarray(s.image), image_size) for s in scenes]),
+        "classes": np.stack([c for c, _ in targets]),
+        "boxes": np.stack([b for _, b in targets]),
+    }
 
 
 def readout_init(width: int, seed: int) -> dict[str, jax.Array]:
-    """Class scores, and per box edge a map from the image token into the space of train.loc_codes."""
+    """Class scores, and per box edge a map from the image token into the space of from_scratch.loc_codes."""
     rng = np.random.default_rng(seed)
-    return {"kernel": jnp.asarray(rng.normal(0, width ** -0.5, (width, 1 + len(LABELS))), jnp.float32),
-            "bias": jnp.zeros(1 + len(LABELS), jnp.float32),
-            "edges": jnp.asarray(rng.normal(0, width ** -0.5, (4, width, width)), jnp.float32)}
+    return {
+        "kernel": jnp.asarray(rng.normal(0, width**-0.5, (width, 1 + len(LABELS))), jnp.float32),
+        "bias": jnp.zeros(1 + len(LABELS), jnp.float32),
+        "edges": jnp.asarray(rng.normal(0, width**-0.5, (4, width, width)), jnp.float32),
+    }
 
 
 def dense_loss(trainable, vision_cfg, batch):
@@ -84,7 +82,8 @@ def dense_loss(trainable, vision_cfg, batch):
     readout = trainable["readout"]
     logits = features @ readout["kernel"] + readout["bias"]  # [B, P, classes]
     codes = jnp.asarray(loc_codes(features.shape[-1]))  # [1024, D]
-    edge_logits = jnp.einsum("bpd,cde,ke->bpck", features, readout["edges"], codes)  # [B, P, 4 edges, 1024]
+    # features [B, P, D] · edges [4 edges, D, D] · codes [1024 bins, D] -> [B, P, 4 edges, 1024 bins]
+    edge_logits = jnp.einsum("bpd,cde,ke->bpck", features, readout["edges"], codes)
     edge_loss = -jnp.sum(soft_loc_targets(batch["boxes"], BOX_SIGMA) * jax.nn.log_softmax(edge_logits), -1)
     class_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["classes"]).mean()
     on_object = (batch["classes"] > 0).astype(jnp.float32)
@@ -92,9 +91,11 @@ def dense_loss(trainable, vision_cfg, batch):
     box_loss = jnp.sum(edge_loss.mean(-1) * on_object) / object_patches
     edge_error = jnp.abs(edge_logits.argmax(-1) - batch["boxes"]).mean(-1)  # bins
     correct = (logits.argmax(-1) == batch["classes"]).astype(jnp.float32)
-    figures = {"loss": class_loss + box_loss,
-               "class_accuracy_on_objects": jnp.sum(correct * on_object) / object_patches,
-               "box_error_px": jnp.sum(edge_error * on_object) / object_patches / NUM_LOC * images.shape[1]}
+    figures = {
+        "loss": class_loss + box_loss,
+        "class_accuracy_on_objects": jnp.sum(correct * on_object) / object_patches,
+        "box_error_px": jnp.sum(edge_error * on_object) / object_patches / NUM_LOC * images.shape[1],
+    }
     return class_loss + box_loss, figures
 
 
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     data = make_scenes(args.scene_seed, args.scenes, grid, cfg.vision.image_size)
     valid = make_scenes(args.scene_seed + 1000, 256, grid, cfg.vision.image_size)
     params = fresh_params(cfg, tokenizer, args.seed)
-    params["img"], figures = pretrain(cfg.vision, params["img"], data, valid, args.steps, args.batch_size,
-                                      args.lr, args.seed)
+    params["img"], figures = pretrain(
+        cfg.vision, params["img"], data, valid, args.steps, args.batch_size, args.lr, args.seed
+    )
     save_checkpoint(args.out, params, tokenizer.path)
     print(json.dumps({**figures, "seconds": round(time.perf_counter() - start, 1)}))
     return 0

@@ -2,7 +2,8 @@
 
 The decoder (and its 128-entry codebook) is PaliGemma's, from `postprocess.vqvae`, so the
 trained weights ship as a `vae-oid.npz` any PaliGemma tool can read. The encoder exists
-only to turn training masks into the 16 `<segNNN>` codes the language model learns.
+only to turn training masks into the 16 `<segNNN>` codes the language model learns, so it
+stays with the training code (ENCODER_DIR, scenes/assets) instead of shipping with the app.
 
     python -m scenes.vqvae_train --out assets/demo --steps 300 --seed 0
 """
@@ -27,6 +28,7 @@ from scenes.generate import random_placements, shape_mask
 
 DECODER_FILE = "vae-oid.npz"
 ENCODER_FILE = "vqvae-encoder.npz"
+ENCODER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the demo model's encoder
 EMBEDDING_DIM = 512  # the published codebook's width
 ENCODER_WIDTHS = (32, 64, 128, 128)  # four stride-2 convs: 64 → 32 → 16 → 8 → 4
 GRID = 4  # 4×4 latents = the 16 seg tokens
@@ -177,19 +179,21 @@ def train(
     return params, losses
 
 
-def save_vqvae(vqvae_params: Params, out_dir: str | os.PathLike) -> None:
-    """Writes the decoder as the published `vae-oid.npz` and the encoder beside it."""
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez(os.path.join(out_dir, DECODER_FILE), **params_to_published(vqvae_params["decoder"]))
+def save_vqvae(vqvae_params: Params, decoder_dir: str | os.PathLike, encoder_dir: str | os.PathLike) -> None:
+    """Writes the decoder as the published `vae-oid.npz` in decoder_dir and the encoder in encoder_dir."""
+    for folder in (decoder_dir, encoder_dir):
+        os.makedirs(folder, exist_ok=True)
+    np.savez(os.path.join(decoder_dir, DECODER_FILE), **params_to_published(vqvae_params["decoder"]))
     encoder = vqvae_params["encoder"]
     flat = {f"down.{i}.{name}": np.asarray(conv[name]) for i, conv in enumerate(encoder["down"]) for name in conv}
     flat.update({f"to_latent.{name}": np.asarray(value) for name, value in encoder["to_latent"].items()})
-    np.savez(os.path.join(out_dir, ENCODER_FILE), **flat)
+    np.savez(os.path.join(encoder_dir, ENCODER_FILE), **flat)
 
 
-def load_vqvae(directory: str | os.PathLike) -> Params:
-    """The {"encoder", "decoder"} params saved by `save_vqvae` in `directory`."""
-    encoder_path = os.path.join(directory, ENCODER_FILE)
+def load_vqvae(decoder_dir: str | os.PathLike, encoder_dir: str | os.PathLike = ENCODER_DIR) -> Params:
+    """The {"encoder", "decoder"} params that `save_vqvae` wrote to these folders (by default the encoder the
+    demo model's segment codes came from)."""
+    encoder_path = os.path.join(encoder_dir, ENCODER_FILE)
     try:
         with np.load(encoder_path) as npz:
             down = [
@@ -201,13 +205,14 @@ def load_vqvae(directory: str | os.PathLike) -> Params:
         raise ValueError(
             f"cannot read the VQ-VAE encoder {encoder_path!r} written by scenes.vqvae_train: {error}"
         ) from error
-    decoder = load_vqvae_params(os.path.join(directory, DECODER_FILE))
+    decoder = load_vqvae_params(os.path.join(decoder_dir, DECODER_FILE))
     return {"encoder": {"down": down, "to_latent": head}, "decoder": decoder}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help=f"folder for {DECODER_FILE} and {ENCODER_FILE}")
+    parser.add_argument("--out", required=True, help=f"folder for {DECODER_FILE}, the decoder the app uses")
+    parser.add_argument("--encoder-out", default=ENCODER_DIR, help=f"folder for {ENCODER_FILE} (training only)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="small: the decoder's gradient is slow on CPU")
@@ -224,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"trained {args.steps} steps in {seconds:.1f} s; final loss {losses[-1]:.4f}")
     print(f"train mask IoU {reconstruction_iou(params, train_masks[:1000]):.4f}")
     print(f"held-out mask IoU {reconstruction_iou(params, test_masks):.4f} on {len(test_masks)} masks")
-    save_vqvae(params, args.out)
-    print(f"wrote {os.path.join(args.out, DECODER_FILE)} and {os.path.join(args.out, ENCODER_FILE)}")
+    save_vqvae(params, args.out, args.encoder_out)
+    print(f"wrote {os.path.join(args.out, DECODER_FILE)} and {os.path.join(args.encoder_out, ENCODER_FILE)}")
 
 
 if __name__ == "__main__":

@@ -21,23 +21,48 @@ def build_hf_model(generation: int, image_size: int, tokenizer_size: int, seed: 
     """A small PaliGemma 1 (Gemma) or 2 (Gemma 2, GQA, soft caps, extra norms) with spread-out random weights."""
     torch.manual_seed(seed)
     text = dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1 if generation == 1 else 2, head_dim=16,
-        vocab_size=tokenizer_size + VOCAB_PADDING, hidden_activation="gelu_pytorch_tanh",
-        hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, max_position_embeddings=1024,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1 if generation == 1 else 2,
+        head_dim=16,
+        vocab_size=tokenizer_size + VOCAB_PADDING,
+        hidden_activation="gelu_pytorch_tanh",
+        hidden_act="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        max_position_embeddings=1024,
     )
     if generation == 1:
         text["model_type"] = "gemma"
     else:
-        text.update(model_type="gemma2", query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
-                    final_logit_softcapping=30.0, sliding_window=4096)
+        text.update(
+            model_type="gemma2",
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            sliding_window=4096,
+        )
     vision = dict(
-        model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, patch_size=14, image_size=image_size, vision_use_head=False,
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=image_size,
+        vision_use_head=False,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
     )
-    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer_size,
-                             vocab_size=tokenizer_size + VOCAB_PADDING, projection_dim=64, hidden_size=64)
+    config = PaliGemmaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer_size,
+        vocab_size=tokenizer_size + VOCAB_PADDING,
+        projection_dim=64,
+        hidden_size=64,
+    )
     model = PaliGemmaForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -56,7 +81,11 @@ def save_hf_folder(model, folder: str, tokenizer_path: str) -> str:
 # The namings a published or transformers-written PaliGemma folder may use (vision, projector, text).
 NAMINGS = {
     "hub-2024": ("vision_tower.vision_model.", "multi_modal_projector.linear.", "language_model.model."),
-    "transformers-4": ("model.vision_tower.vision_model.", "model.multi_modal_projector.linear.", "model.language_model."),
+    "transformers-4": (
+        "model.vision_tower.vision_model.",
+        "model.multi_modal_projector.linear.",
+        "model.language_model.",
+    ),
 }
 
 
@@ -65,7 +94,7 @@ def _split_name(key: str) -> tuple[int, str] | None:
     key = key.removeprefix("model.")
     for index, part in enumerate(("vision_tower.", "multi_modal_projector.linear.", "language_model.")):
         if key.startswith(part):
-            rest = key[len(part):]
+            rest = key[len(part) :]
             return index, rest.removeprefix("vision_model.").removeprefix("model.")
     return None
 

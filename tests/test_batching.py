@@ -14,7 +14,6 @@ from app_fixtures import (
     app_in_thread,
     detect_example,
     taught_answers,
-    taught_model_dir_fixture,  # noqa: F401 (a fixture)
     write_registry,
 )
 from gradio_client import Client, handle_file
@@ -32,7 +31,7 @@ LONG_S = 30.0  # a gathering window the tests never wait out: batches fill up fi
 def _requests():
     """Four different images and prompts (prompts of different lengths)."""
     chosen = ["caption en", "detect red circle", "answer en how many shapes are there?", "segment blue square"]
-    images = [Image.open(ex.image).convert("RGB") for ex in prompts.load_examples(EXAMPLES_DIR)[:len(chosen)]]
+    images = [Image.open(ex.image).convert("RGB") for ex in prompts.load_examples(EXAMPLES_DIR)[: len(chosen)]]
     return list(zip(images, chosen))
 
 
@@ -40,6 +39,7 @@ def _final_text(updates):
     return list(updates)[-1].text
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_one_run_and_get_what_they_would_alone(tiny_model, monkeypatch):
     requests = _requests()
     alone = [tiny_model.generate(image, prompt, max_new_tokens=MAX_NEW) for image, prompt in requests]
@@ -65,6 +65,7 @@ def test_concurrent_requests_share_one_run_and_get_what_they_would_alone(tiny_mo
     assert all(timing["batch_size"] == len(requests) and timing["batch_wait_s"] >= 0 for _, timing in outcomes)
 
 
+@pytest.mark.slow
 def test_a_request_the_model_refuses_fails_alone(tiny_model):
     image, prompt = _requests()[1]
     batcher = Batcher(max_batch=2, gather_s=LONG_S)
@@ -103,14 +104,27 @@ def test_the_cap_holds_and_only_requests_with_the_same_settings_share_a_batch():
     batcher = Batcher(max_batch=2, gather_s=0)
     streams = [batcher.submit(model, None, "a", 16)]
     model.first_started.wait()  # "a" runs alone and holds the model while the rest arrive
-    later = [("b", 16, "greedy"), ("c", 32, "greedy"), ("d", 16, "greedy"), ("e", 16, "greedy"),
-             ("f", 16, "greedy"), ("g", 16, "temperature(0.5)"), ("h", 16, "temperature(0.5)")]
+    later = [
+        ("b", 16, "greedy"),
+        ("c", 32, "greedy"),
+        ("d", 16, "greedy"),
+        ("e", 16, "greedy"),
+        ("f", 16, "greedy"),
+        ("g", 16, "temperature(0.5)"),
+        ("h", 16, "temperature(0.5)"),
+    ]
     streams += [batcher.submit(model, None, p, n, sampler) for p, n, sampler in later]
     model.release.set()
 
     assert [_final_text(s) for s in streams] == [p + "!" for p in "abcdefgh"]
     assert [(run_prompts, n) for run_prompts, n, _ in model.runs] == [
-        (["a"], 16), (["b", "d"], 16), (["c"], 32), (["e", "f"], 16), (["g"], 16), (["h"], 16)]
+        (["a"], 16),
+        (["b", "d"], 16),
+        (["c"], 32),
+        (["e", "f"], 16),
+        (["g"], 16),
+        (["h"], 16),
+    ]
     assert model.runs[-1][2] == "temperature(0.5)"  # sampled requests run alone, so they stay reproducible
 
 
@@ -147,6 +161,16 @@ def test_a_batch_nobody_listens_to_stops():
     assert len(produced) <= 2  # the result in hand when the listener left, and at most the one being made
 
 
+def test_a_reader_hears_every_tick_while_its_request_waits():
+    model = RecordingModel()
+    model.release.clear()  # the model is busy (compiling, say) until released
+    stream = Batcher().submit(model, None, "a", 16, tick_s=0.01)
+
+    assert next(stream) is None and next(stream) is None  # nothing yet: the page can say why it waits
+    model.release.set()
+    assert [u.text for u in stream if u is not None] == ["a!"]
+
+
 # ---------------------------------------------------------------- through the app
 
 
@@ -156,13 +180,16 @@ def url(taught_model_dir, tmp_path_factory):
         yield address
 
 
+@pytest.mark.slow
 def test_four_concurrent_clients_each_get_their_own_answer(url):
     chosen = ["caption en", "detect red circle", "segment red circle", "detect red circle"]
     clients = [Client(url, verbose=False) for _ in chosen]
-    jobs = [client.submit(handle_file(detect_example().image), prompt, TAUGHT, "greedy", 64, api_name="/run")
-            for client, prompt in zip(clients, chosen)]
+    jobs = [
+        client.submit(handle_file(detect_example().image), prompt, TAUGHT, "greedy", 64, api_name="/run")
+        for client, prompt in zip(clients, chosen)
+    ]
     outputs = [job.result() for job in jobs]
-    for prompt, (_, annotated, raw, detections, timing) in zip(chosen, outputs):
+    for prompt, (_, _, raw, detections, _, timing) in zip(chosen, outputs):
         assert raw == taught_answers()[prompt]
         assert (detections is None) == (prompt == "caption en")
         assert 1 <= timing["batch_size"] <= len(chosen) and timing["tokens_per_s"] > 0

@@ -30,11 +30,13 @@ def build(tmp_path, out, monkeypatch):
 
     def run(args, train_status=0):
         done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[])
-        monkeypatch.setattr(build_demo, "ensure_dataset",
-                            lambda folder, _scenes, spec, _vqvae: done.datasets.append((folder, spec)))
+        monkeypatch.setattr(
+            build_demo, "ensure_dataset", lambda folder, _scenes, spec, _vqvae: done.datasets.append((folder, spec))
+        )
         monkeypatch.setattr(build_demo.vision_pretrain, "main", done.pretrain_calls.append)
-        monkeypatch.setattr(build_demo.train, "main",
-                            lambda argv: done.rounds.append(dict(zip(argv[::2], argv[1::2]))) or train_status)
+        monkeypatch.setattr(
+            build_demo.train, "main", lambda argv: done.rounds.append(dict(zip(argv[::2], argv[1::2]))) or train_status
+        )
         done.status = build_demo.main(["--out", str(out), "--work", str(tmp_path / "encoder"), *args])
         return done
 
@@ -42,21 +44,45 @@ def build(tmp_path, out, monkeypatch):
 
 
 def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower_rate(tmp_path, out, build):
-    done = build(["--data", "first", "--final-data", "final", "--caption-data", "captions", "--rounds", "2",
-                  "--final-rounds", "1", "--tuning-rounds", "2", "--polish-rounds", "2", "--caption-rounds", "1",
-                  "--lr", "0.002"])
+    done = build(
+        [
+            "--data",
+            "first",
+            "--final-data",
+            "final",
+            "--caption-data",
+            "captions",
+            "--rounds",
+            "2",
+            "--final-rounds",
+            "1",
+            "--tuning-rounds",
+            "2",
+            "--polish-rounds",
+            "2",
+            "--caption-rounds",
+            "1",
+            "--lr",
+            "0.002",
+        ]
+    )
 
     assert done.status == 0
-    assert done.datasets == [("first", build_demo.FIRST_DATA), ("final", build_demo.FINAL_DATA),
-                             ("captions", build_demo.CAPTION_DATA)]
+    assert done.datasets == [
+        ("first", build_demo.FIRST_DATA),
+        ("final", build_demo.FINAL_DATA),
+        ("captions", build_demo.CAPTION_DATA),
+    ]
     assert len(done.pretrain_calls) == 1
     scale = build_demo.ENCODER_LR_SCALE
     assert 0 < scale < 1
     polish = 0.002 * build_demo.POLISH_LR_SCALE
     assert polish < 0.002
     assert polish * build_demo.POLISH_LR_SCALE < polish
-    rounds = [(r["--data"], r["--init"], float(r["--image-encoder-lr-scale"]), float(r["--lr"]), r["--seed"])
-              for r in done.rounds]
+    rounds = [
+        (r["--data"], r["--init"], float(r["--image-encoder-lr-scale"]), float(r["--lr"]), r["--seed"])
+        for r in done.rounds
+    ]
     assert rounds == [
         ("first", str(tmp_path / "encoder"), 0.0, 0.002, "0"),
         ("first", str(out), 0.0, 0.002, "1"),
@@ -70,8 +96,26 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
 
 
 def test_the_later_datasets_are_written_only_when_a_round_uses_them(build):
-    done = build(["--data", "first", "--final-data", "final", "--caption-data", "captions", "--rounds", "1",
-                  "--final-rounds", "0", "--tuning-rounds", "0", "--polish-rounds", "0", "--caption-rounds", "0"])
+    done = build(
+        [
+            "--data",
+            "first",
+            "--final-data",
+            "final",
+            "--caption-data",
+            "captions",
+            "--rounds",
+            "1",
+            "--final-rounds",
+            "0",
+            "--tuning-rounds",
+            "0",
+            "--polish-rounds",
+            "0",
+            "--caption-rounds",
+            "0",
+        ]
+    )
     assert done.status == 0
     assert done.datasets == [("first", build_demo.FIRST_DATA)]
     assert [r["--data"] for r in done.rounds] == ["first"]
@@ -89,15 +133,19 @@ def test_the_default_plan_is_the_shipped_models(build):
     done = build([])
     assert done.status == 0
     spec = build_demo.DatasetSpec
-    assert done.datasets == [("data/shapes_det", spec(2, "detect=4,segment=2", 0.8)),
-                             ("data/shapes_det_final", spec(4, "detect=4,segment=2", 0.93)),
-                             ("data/shapes_caption", spec(6, "detect=1,segment=1", 0.93))]
+    assert done.datasets == [
+        ("data/shapes_det", spec(2, "detect=4,segment=2", 0.8)),
+        ("data/shapes_det_final", spec(4, "detect=4,segment=2", 0.93)),
+        ("data/shapes_caption", spec(6, "detect=1,segment=1", 0.93)),
+    ]
     plan = [(r["--data"], r["--image-encoder-lr-scale"], r["--lr"], r["--seed"]) for r in done.rounds]
-    assert plan == ([("data/shapes_det", "0.0", "0.001", str(i)) for i in range(5)]
-                    + [("data/shapes_det_final", "0.0", "0.001", str(i)) for i in range(5, 9)]
-                    + [("data/shapes_det_final", "0.3", "0.001", str(i)) for i in range(9, 13)]
-                    + [("data/shapes_det_final", "0.3", "0.0003", "13")]
-                    + [("data/shapes_caption", "0.3", "0.0003", "14")])
+    assert plan == (
+        [("data/shapes_det", "0.0", "0.001", str(i)) for i in range(5)]
+        + [("data/shapes_det_final", "0.0", "0.001", str(i)) for i in range(5, 9)]
+        + [("data/shapes_det_final", "0.3", "0.001", str(i)) for i in range(9, 13)]
+        + [("data/shapes_det_final", "0.3", "0.0003", "13")]
+        + [("data/shapes_caption", "0.3", "0.0003", "14")]
+    )
 
 
 def test_ensure_dataset_writes_what_its_spec_says_once(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from paligemma import compile_cache
 
@@ -18,6 +19,7 @@ from jax import monitoring
 hits = []
 monitoring.register_event_listener(lambda name, **_: hits.append(name) if name.endswith("cache_hits") else None)
 import paligemma
+paligemma.enable_compile_cache()  # as the app and the CLI do
 model = paligemma.load(sys.argv[1])
 model.generate(np.zeros((20, 20, 3), np.uint8), "caption en", max_new_tokens=4)
 print(json.dumps({"hits": len(hits), "compiled": model.compile_count}))
@@ -36,14 +38,25 @@ def test_folder_follows_the_environment(monkeypatch, tmp_path):
 
 
 def _request_in_fresh_process(model_dir, cache: str) -> dict:
-    env = {**os.environ, compile_cache.ENV: cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "PYTHONPATH": ROOT}
+    env = {
+        **os.environ,
+        compile_cache.ENV: cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONPATH": ROOT,
+    }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    out = subprocess.run([sys.executable, "-c", _REQUEST, str(model_dir)], env=env, check=True,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _REQUEST, str(model_dir)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_restarted_process_loads_executables_from_the_cache(tiny_model_dir, tmp_path):
     cache = tmp_path / "cache"
     first = _request_in_fresh_process(tiny_model_dir, str(cache))
@@ -55,10 +68,21 @@ def test_a_restarted_process_loads_executables_from_the_cache(tiny_model_dir, tm
     assert {f for f in os.listdir(cache) if not f.endswith("-atime")} == {f for f in files if not f.endswith("-atime")}
 
 
+@pytest.mark.slow
 def test_switched_off_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert _request_in_fresh_process(tiny_model_dir, "off")["hits"] == 0
     assert not (tmp_path / "paligemma").exists()
+
+
+@pytest.mark.slow
+def test_loading_a_model_leaves_the_cache_to_the_entry_point(tiny_model_dir, tmp_path):
+    """Enabling the persistent cache is the app's, the CLI's or a benchmark's decision, not a side effect of load."""
+    script = _REQUEST.replace("paligemma.enable_compile_cache()", "")
+    env = {**os.environ, compile_cache.ENV: str(tmp_path / "cache"), "PYTHONPATH": ROOT}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    subprocess.run([sys.executable, "-c", script, str(tiny_model_dir)], env=env, check=True, timeout=300)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_test_session_compiles_into_a_temporary_folder(tiny_model, tmp_path_factory):

@@ -22,8 +22,13 @@ def demo():
 @pytest.fixture(scope="module")
 def figures(demo):
     decoder = postprocess.MaskDecoder.load(DEMO / "vae-oid.npz")
-    figures = evaluate_model(lambda images, prompts: demo.generate_batch(images, prompts, max_new_tokens=64),
-                             NUM_SCENES, EVAL_SEED, decoder, batch_size=16)
+    figures = evaluate_model(
+        lambda images, prompts: demo.generate_batch(images, prompts, max_new_tokens=64),
+        NUM_SCENES,
+        EVAL_SEED,
+        decoder,
+        batch_size=16,
+    )
     print(json.dumps(figures, indent=1))
     return figures
 
@@ -38,6 +43,7 @@ def test_demo_is_the_default_model():
     assert Path(DEFAULT_MODEL).resolve() == DEMO
 
 
+@pytest.mark.slow
 def test_outputs_are_well_formed(figures):
     """Floors above the targets where the current model holds them, so that a rebuild cannot quietly get worse:
     boxes and masks as tight as now."""
@@ -45,12 +51,14 @@ def test_outputs_are_well_formed(figures):
     assert figures["detection_box_iou"] >= 0.9 and figures["segmentation_mask_iou"] >= 0.9
 
 
+@pytest.mark.slow
 def test_all_targets_met(figures):
     assert figures["prompts"] >= 5 * NUM_SCENES
     assert not missed_targets(figures), missed_targets(figures)
     assert set(TARGETS) <= set(figures)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["count", "colour", "yes_no"])
 def test_each_answer_kind_is_right(figures, task):
     assert figures[f"{task}_accuracy"] >= 0.95

@@ -8,6 +8,8 @@ from PIL import Image, ImageColor
 
 from postprocess.colors import PALETTE, label_color, label_colors, text_color_on
 from postprocess.draw import (
+    MASK_ALPHA,
+    PAGE_OPACITY,
     annotated_image_value,
     draw_annotations,
     font_size,
@@ -44,7 +46,7 @@ def test_box_edges_carry_the_label_colour():
 def test_mask_fill_changes_pixels_inside_the_mask_only():
     image = _noise_image(320, 240)
     mask = _disc(320, 240, 150, 120, 60)
-    box = (90, 60, 211, 181)
+    box = (80, 50, 221, 191)  # clear of the disc, so the box outline covers none of its pixels
     with_mask = np.array(draw_annotations(image, [Object("ball", box, "", mask=mask)], {"ball": RED})).astype(int)
     without = np.array(draw_annotations(image, [Object("ball", box, "")], {"ball": RED})).astype(int)
 
@@ -53,7 +55,7 @@ def test_mask_fill_changes_pixels_inside_the_mask_only():
     assert changed[mask].mean() > 0.99
     rgb = np.array(ImageColor.getrgb(RED))
     interior = _disc(320, 240, 150, 120, 50)
-    expected = np.round(0.55 * np.array(image)[interior] + 0.45 * rgb)  # translucent: the photo shows through
+    expected = np.round((1 - MASK_ALPHA) * np.array(image)[interior] + MASK_ALPHA * rgb)  # the photo shows through
     np.testing.assert_allclose(with_mask[interior], expected, atol=1)
     assert (with_mask[120, 150 - 60] == rgb).all()  # the outline is solid colour at the mask's edge
 
@@ -79,8 +81,9 @@ def test_tags_stay_on_the_image(width, height, corner, label):
     assert 0 <= left < right <= width and 0 <= top < bottom <= height
     assert text == label or (text.endswith("…") and label.startswith(text[:-1]))
     drawn = np.array(draw_annotations(Image.new("RGB", (width, height)), [Object(label, box, "")], {label: RED}))
-    assert tuple(drawn[top, left]) == ImageColor.getrgb(RED)  # the tag is drawn where laid out
-    assert tuple(drawn[bottom - 1, right - 1]) == ImageColor.getrgb(RED)
+    edge = ImageColor.getrgb(text_color_on(RED))  # the tag is drawn where laid out: filled, edged in its text colour
+    assert tuple(drawn[top, left]) == tuple(drawn[bottom - 1, right - 1]) == edge
+    assert tuple(drawn[top + 1, left + 1]) == tuple(drawn[bottom - 2, right - 2]) == ImageColor.getrgb(RED)
 
 
 def test_tag_sits_above_the_box_when_there_is_room():
@@ -95,9 +98,9 @@ def test_no_tag_on_an_image_too_small_for_text():
 
 
 def test_sizes_scale_with_the_image():
-    assert line_width(224, 224) < line_width(1024, 768) < line_width(4000, 3000)
+    assert line_width(90, 60) == 2 < line_width(224, 224) < line_width(1024, 768) == line_width(4000, 3000) == 4
     assert font_size(224, 224) < font_size(1024, 768) < font_size(4000, 3000)
-    assert line_width(10, 10) >= 1 and font_size(10, 10) >= 10
+    assert font_size(10, 10) >= 10
 
 
 def test_unlabelled_objects_and_default_colours():
@@ -111,14 +114,29 @@ def test_annotated_image_value_for_gradio():
     mask = _disc(64, 48, 20, 20, 10)
     image = Image.new("RGB", (64, 48))
     pieces = [Text("found "), Object("ball", (10, 10, 31, 31), "", mask=mask), Object("box", (40, 5, 60, 45), "")]
+    stroke = line_width(64, 48)
 
-    base, annotations = annotated_image_value(image, pieces)
+    (base, annotations), colors = annotated_image_value(image, pieces)
 
-    assert base is image
-    (ball_mask, ball), (box_region, box) = annotations
+    assert base.size == image.size and set(colors) == {"ball", "box"}
+    (ball_alpha, ball), (box_alpha, box) = annotations
     assert (ball, box) == ("ball", "box")
-    assert ball_mask.shape == (48, 64) and ball_mask.dtype == np.float32 and set(np.unique(ball_mask)) == {0.0, 1.0}
-    assert box_region == (40, 5, 60, 45) and all(type(v) is int for v in box_region)
+    assert ball_alpha.shape == box_alpha.shape == (48, 64) and ball_alpha.dtype == np.float32
+    assert ball_alpha[20, 20] == pytest.approx(MASK_ALPHA / PAGE_OPACITY)  # shows at MASK_ALPHA on the page
+    assert ball_alpha[20, 10] == 1.0 and ball_alpha[~mask].max() == 0.0  # a solid outline, nothing outside
+    assert box_alpha[25, 40] == box_alpha[5, 50] == 1.0  # the box is its outline, not a fill
+    assert box_alpha[25, 50] == 0.0 and box_alpha[:, : 40 - 1].max() == 0.0
+    assert (box_alpha[5 : 5 + stroke, 40:60] == 1.0).all()
+
+
+def test_hidden_objects_keep_their_legend_entry_and_show_nothing():
+    image = Image.new("RGB", (64, 48))
+    pieces = [Object("ball", (10, 10, 31, 31), ""), Object("box", (40, 5, 60, 45), "")]
+
+    (_, annotations), _ = annotated_image_value(image, pieces, hidden=["box"])
+
+    assert [label for _, label in annotations] == ["ball", "box"]
+    assert annotations[0][0].max() == 1.0 and annotations[1][0].max() == 0.0
 
 
 def test_highlighted_text_value():

@@ -128,3 +128,25 @@ def test_coco_results_without_a_category_map_number_labels_by_first_appearance()
     results = to_coco_results(batch)
     assert [(r["image_id"], r["category_id"]) for r in results] == [(7, 1), (7, 2), (8, 1)]
     assert "segmentation" not in results[0]
+
+
+def _confidence(score: float):
+    from postprocess.confidence import ObjectConfidence
+
+    return ObjectConfidence(score=score, box_score=score, label_score=1.0, mask_score=None, edges=[], token_span=(0, 5))
+
+
+def test_confidences_become_each_objects_score_in_json_and_coco():
+    pieces = [Object("cat", (1, 2, 30, 40), ""), Text(" ; "), Object("dog", (5, 6, 20, 22), "")]
+    data = to_json(pieces, W, H, confidences=[_confidence(0.8), _confidence(0.1)])
+    assert [o["score"] for o in data["objects"]] == [0.8, 0.1]
+    assert data["objects"][0]["confidence"]["token_span"] == [0, 5]
+    coco = to_coco_results([(3, pieces, [_confidence(0.8), _confidence(0.1)])])
+    assert [r["score"] for r in coco] == [0.8, 0.1]
+    assert "score" not in to_json(pieces, W, H)["objects"][0]  # nothing recorded: no invented confidence
+
+
+def test_one_confidence_per_object_or_a_message():
+    pieces = [Object("cat", (1, 2, 30, 40), "")]
+    with pytest.raises(ValueError, match="one per object"):
+        to_json(pieces, W, H, confidences=[])

@@ -19,11 +19,35 @@ from paligemma.preprocess import preprocess
 
 VISION = VisionConfig(width=32, depth=2, mlp_dim=48, num_heads=2, patch_size=14, image_size=28)
 CONFIGS = {
-    "pg1": PaliGemmaConfig(VISION, TextConfig(vocab_size=300, width=64, depth=2, mlp_dim=96, num_heads=4,
-                                              num_kv_heads=1, head_dim=16, query_scale=16**-0.5)),
-    "pg2": PaliGemmaConfig(VISION, TextConfig(vocab_size=300, width=64, depth=2, mlp_dim=96, num_heads=4,
-                                              num_kv_heads=2, head_dim=16, query_scale=24**-0.5, attn_softcap=50.0,
-                                              final_softcap=30.0, post_norms=True)),
+    "pg1": PaliGemmaConfig(
+        VISION,
+        TextConfig(
+            vocab_size=300,
+            width=64,
+            depth=2,
+            mlp_dim=96,
+            num_heads=4,
+            num_kv_heads=1,
+            head_dim=16,
+            query_scale=16**-0.5,
+        ),
+    ),
+    "pg2": PaliGemmaConfig(
+        VISION,
+        TextConfig(
+            vocab_size=300,
+            width=64,
+            depth=2,
+            mlp_dim=96,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            query_scale=24**-0.5,
+            attn_softcap=50.0,
+            final_softcap=30.0,
+            post_norms=True,
+        ),
+    ),
 }
 
 
@@ -50,7 +74,7 @@ def test_transformers_gives_our_logits(exported):
     pixels = preprocess((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8), cfg.image_size)
     ids = [2, 17, 40, 5, 108]
     with torch.no_grad():
-        theirs = hf.eval()(**hf_inputs(hf, pixels, ids)).logits[0, -len(ids):].numpy()
+        theirs = hf.eval()(**hf_inputs(hf, pixels, ids)).logits[0, -len(ids) :].numpy()
     n = np.asarray([len(ids)], np.int32)
     ours = np.asarray(model_lib.forward(params, cfg, pixels[None], np.asarray([ids], np.int32), n, n))[0]
     assert np.abs(ours - theirs).max() < 1e-4

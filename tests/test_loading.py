@@ -49,11 +49,14 @@ def test_missing_tensor_is_named(tmp_path, tiny_model_dir, tokenizer_path):
         paligemma.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("key,shape,match", [
-    ("img/pos_embedding", (1, 5, 32), "pos_embedding"),  # 5 patches: not a square grid
-    ("llm/layers/attn/q_einsum/w", (2, 3, 64, 16), "heads"),  # 3 heads over 2 kv heads
-    ("llm/layers/mlp/linear", (2, 95, 64), "mlp/linear"),  # does not match the gating width
-])
+@pytest.mark.parametrize(
+    "key,shape,match",
+    [
+        ("img/pos_embedding", (1, 5, 32), "pos_embedding"),  # 5 patches: not a square grid
+        ("llm/layers/attn/q_einsum/w", (2, 3, 64, 16), "heads"),  # 3 heads over 2 kv heads
+        ("llm/layers/mlp/linear", (2, 95, 64), "mlp/linear"),  # does not match the gating width
+    ],
+)
 def test_shapes_of_no_known_variant(tmp_path, tiny_model_dir, tokenizer_path, key, shape, match):
     arrays = dict(np.load(tiny_model_dir / "model.npz"))
     arrays[key] = np.zeros(shape, np.float32)

@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from postprocess.parse import Object, Text, bin_to_pixel, format_object, join_objects, objects, parse, pixel_to_bin
+from postprocess.parse import (
+    Object,
+    Text,
+    bin_to_pixel,
+    display_labels,
+    format_object,
+    join_objects,
+    objects,
+    parse,
+    pixel_to_bin,
+)
 
 W, H = 640, 480
 SEGS = "".join(f"<seg{code:03d}>" for code in range(0, 128, 8))  # 16 codes: 0, 8, ..., 120
@@ -114,16 +124,13 @@ def test_a_lone_malformed_output_is_one_text_piece():
     assert parse("", W, H) == []
 
 
-def test_unique_labels_on_request():
-    text = " ; ".join(loc(0, 0, 512, 512) + " " + label for label in ["cat", "cat", "dog", "cat 2", "cat"])
-    assert [p.label for p in objects(parse(text, W, H))] == ["cat", "cat", "dog", "cat 2", "cat"]
-    assert [p.label for p in objects(parse(text, W, H, unique_labels=True))] == [
-        "cat",
-        "cat 2",
-        "dog",
-        "cat 2 2",
-        "cat 3",
-    ]
+def test_display_labels_number_repeats_and_name_unlabelled_objects():
+    text = " ; ".join(loc(0, 0, 512, 512) + " " + label for label in ["cat", "cat", "dog", "cat 2", "cat", "", ""])
+    pieces = parse(text, W, H)
+    assert [p.label for p in objects(pieces)] == ["cat", "cat", "dog", "cat 2", "cat", "", ""]
+    shown = display_labels(pieces)
+    assert [p.label for p in objects(shown)] == ["cat", "cat 2", "dog", "cat 2 2", "cat 3", "object", "object 2"]
+    assert [p.text for p in shown] == [p.text for p in pieces]  # only the names change
 
 
 @pytest.mark.parametrize("width, height", [(0, 10), (10, -1), (10.5, 10)])

@@ -22,7 +22,7 @@ def _image(mode, size=(37, 23)):
 def test_modes_become_model_input(mode):
     x = preprocess(_image(mode), 28)
     assert x.shape == (28, 28, 3) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
     assert x.std() > 0.01  # the picture survived the conversion
 
 
@@ -51,10 +51,16 @@ def test_exif_rotation_is_applied():
     assert to_rgb(open_image(buffer.getvalue())).size == (20, 40)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.zeros((4, 4, 3), np.float32), "uint8"), (np.zeros((4, 4, 2), np.uint8), "shape"), ("not an image", "could not read"),
-    (12, "expected a PIL image"), (b"GIF89a broken", "could not read"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((4, 4, 3), np.float32), "uint8"),
+        (np.zeros((4, 4, 2), np.uint8), "shape"),
+        ("not an image", "could not read"),
+        (12, "expected a PIL image"),
+        (b"GIF89a broken", "could not read"),
+    ],
+)
 def test_bad_images_are_clear_errors(bad, match):
     with pytest.raises(ImageError, match=match):
         preprocess(bad, 14)
@@ -108,11 +114,16 @@ def test_transparent_palette_entries_show_on_white():
         assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((7, 0)) == (0, 200, 0)
 
 
-@pytest.mark.parametrize("data", [
-    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",  # Pillow would hand it to Ghostscript
-    _encoded(Image.new("RGB", (8, 8)), "TIFF"), _encoded(Image.new("RGB", (16, 16)), "ICO"),
-    _encoded(Image.new("RGB", (8, 8)), "PPM"),
-], ids=["eps", "tiff", "ico", "ppm"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",  # Pillow would hand it to Ghostscript
+        _encoded(Image.new("RGB", (8, 8)), "TIFF"),
+        _encoded(Image.new("RGB", (16, 16)), "ICO"),
+        _encoded(Image.new("RGB", (8, 8)), "PPM"),
+    ],
+    ids=["eps", "tiff", "ico", "ppm"],
+)
 def test_formats_outside_the_accepted_ones_are_refused_unparsed(data):
     with pytest.raises(ImageError, match="not a PNG, JPEG, WebP, GIF or BMP image"):
         open_image(data)

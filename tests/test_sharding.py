@@ -1,6 +1,7 @@
 """Placement of the weights: on another device, or split over 2 and 4 devices (simulated on the CPU), a
-model generates the same greedy tokens as on the default device; which leaves are split; on one CPU device, loading adopts host buffers
-without a copy and generation reads each decoder layer in place through views of the stacked weights."""
+model generates the same greedy tokens as on the default device; which leaves are split; on one CPU device,
+loading adopts host buffers without a copy and generation reads each decoder layer in place through views of
+the stacked weights."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from paligemma import checkpoint, sharding
+from paligemma import checkpoint, cpu_memory, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs with 4 host devices: one-device tokens, then the model split over 2 and over 4 of them.
@@ -47,11 +48,23 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_load_on_one_other_device_or_split_over_2_and_4_gives_one_device_tokens(tiny_model_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": ROOT,
-           "JAX_PLATFORMS": "cpu", "PALIGEMMA_COMPILE_CACHE": "off"}
-    out = subprocess.run([sys.executable, "-c", _SPLIT, str(tiny_model_dir)], env=env, check=True,
-                         capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "PALIGEMMA_COMPILE_CACHE": "off",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _SPLIT, str(tiny_model_dir)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4
     assert all(len(row) >= 6 for row in report["one"]), "random weights should not stop almost at once"
@@ -64,10 +77,15 @@ def test_load_on_one_other_device_or_split_over_2_and_4_gives_one_device_tokens(
     assert report["4"]["image_mlp_per_device"] == [16] * 4
 
 
-@pytest.mark.parametrize("devices, match", [
-    ([], "at least one device"), ("cpu", "list of jax devices"), ([0, 1], "list of jax devices"),
-    (jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)), "one axis 'model'"),
-])
+@pytest.mark.parametrize(
+    "devices, match",
+    [
+        ([], "at least one device"),
+        ("cpu", "list of jax devices"),
+        ([0, 1], "list of jax devices"),
+        (jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)), "one axis 'model'"),
+    ],
+)
 def test_bad_devices_say_what_is_accepted(tiny_model_dir, devices, match):
     import paligemma
 
@@ -76,9 +94,13 @@ def test_bad_devices_say_what_is_accepted(tiny_model_dir, devices, match):
 
 
 def test_heads_and_mlp_split_the_rest_replicated():
-    shapes = {"llm/layers/attn/q_einsum/w": (26, 8, 2304, 256), "llm/layers/attn/kv_einsum/w": (26, 2, 4, 2304, 256),
-              "llm/layers/mlp/linear": (26, 9216, 2304), "llm/embedder/input_embedding": (257216, 2304),
-              "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel": (27, 1152, 4304)}
+    shapes = {
+        "llm/layers/attn/q_einsum/w": (26, 8, 2304, 256),
+        "llm/layers/attn/kv_einsum/w": (26, 2, 4, 2304, 256),
+        "llm/layers/mlp/linear": (26, 9216, 2304),
+        "llm/embedder/input_embedding": (257216, 2304),
+        "img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel": (27, 1152, 4304),
+    }
     specs = {k: sharding.spec(s, sharding.SPLIT_AXIS.get(k), 4) for k, s in shapes.items()}
     assert specs["llm/layers/attn/q_einsum/w"] == PartitionSpec(None, "model")
     assert specs["llm/layers/attn/kv_einsum/w"] == PartitionSpec(None, None, "model")
@@ -86,7 +108,9 @@ def test_heads_and_mlp_split_the_rest_replicated():
     assert specs["llm/embedder/input_embedding"] == PartitionSpec()
     assert specs["img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"] == PartitionSpec(None, None, "model")
     # PaliGemma 1 has one kv head: with 8 devices it cannot be split, so it is replicated
-    assert sharding.spec((18, 2, 1, 2048, 256), sharding.SPLIT_AXIS["llm/layers/attn/kv_einsum/w"], 8) == PartitionSpec()
+    assert (
+        sharding.spec((18, 2, 1, 2048, 256), sharding.SPLIT_AXIS["llm/layers/attn/kv_einsum/w"], 8) == PartitionSpec()
+    )
 
 
 def test_make_mesh_refuses_no_devices():
@@ -105,18 +129,18 @@ def test_npz_members_of_every_layout_load_alike(tiny_model_dir, tmp_path):
 
 
 def test_one_device_placement_adopts_the_host_buffer_without_a_copy():
-    host = checkpoint.aligned_empty((64, 32), np.float32)
+    host = cpu_memory.aligned_empty((64, 32), np.float32)
     host[:] = np.arange(host.size).reshape(host.shape)
     placed = checkpoint.place(host, np.float32)
     assert placed.unsafe_buffer_pointer() == host.ctypes.data  # the same memory, not a copy
     cast = checkpoint.place(host, np.float16)  # a cast makes one aligned copy, then adopts it
-    assert cast.dtype == np.float16 and cast.unsafe_buffer_pointer() % checkpoint.ALIGNMENT == 0
+    assert cast.dtype == np.float16 and cast.unsafe_buffer_pointer() % cpu_memory.ALIGNMENT == 0
     np.testing.assert_array_equal(np.asarray(cast), host.astype(np.float16))
 
 
 def test_decoder_layers_are_served_as_views_of_the_stacked_weights(tiny_model):
     """Generation on CPU reads each layer's weights in place: per-layer arrays sharing the stacked memory."""
-    from paligemma.generate import decode_params
+    from paligemma.cpu_memory import decode_params
 
     stacked = tiny_model.params["llm"]["layers"]["mlp"]["linear"]  # [L, F, D]
     layers = decode_params(tiny_model.params)["llm"]["layers"]

@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import paligemma
 from paligemma import train
+from paligemma.config import tiny_config
 
 
 def _write_dataset(folder, n=8):
@@ -19,17 +21,41 @@ def _write_dataset(folder, n=8):
             image[10:40, 12:44] = (220, 40, 40) if colour == "red" else (40, 80, 220)
             image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(folder / "images" / f"{i}.png")
-            f.write(json.dumps({"image": f"images/{i}.png", "prefix": "answer en what color is the square?",
-                                "suffix": colour}) + "\n")
+            f.write(
+                json.dumps(
+                    {"image": f"images/{i}.png", "prefix": "answer en what color is the square?", "suffix": colour}
+                )
+                + "\n"
+            )
     (folder / "valid.jsonl").write_text((folder / "train.jsonl").read_text())
 
 
+@pytest.mark.slow
 def test_few_steps_lower_the_loss_and_checkpoint_reloads(tmp_path, tokenizer_path):
     _write_dataset(tmp_path)
     out = tmp_path / "out"
-    args = train._parser().parse_args([
-        "--data", str(tmp_path), "--out", str(out), "--config", "tiny", "--tokenizer", tokenizer_path,
-        "--steps", "30", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "30", "--seed", "1"])
+    args = train._parser().parse_args(
+        [
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--config",
+            "tiny",
+            "--tokenizer",
+            tokenizer_path,
+            "--steps",
+            "30",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "30",
+            "--seed",
+            "1",
+        ]
+    )
     summary = train.train(args)
     losses = [loss for _, loss in summary["losses"]]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -37,14 +63,17 @@ def test_few_steps_lower_the_loss_and_checkpoint_reloads(tmp_path, tokenizer_pat
     model = paligemma.load(str(out))
     image = Image.open(tmp_path / "images" / "0.png")
     first = model.generate(image, "answer en what color is the square?", max_new_tokens=8)
-    again = paligemma.load(str(out / "model.npz")).generate(image, "answer en what color is the square?", max_new_tokens=8)
+    again = paligemma.load(str(out / "model.npz")).generate(
+        image, "answer en what color is the square?", max_new_tokens=8
+    )
     assert first == again
 
 
+@pytest.mark.slow
 def test_frozen_image_encoder_stays_unchanged(tmp_path, tokenizer_path):
     from paligemma.params import init_params
 
-    cfg = train.tiny_config(2000)
+    cfg = tiny_config(2000)
     params = init_params(cfg, 0)
     optimizer = train.make_optimizer(params, 1e-2, 10, image_encoder_lr_scale=0.0)
     step = train.make_train_step(cfg, optimizer)
@@ -57,12 +86,13 @@ def test_frozen_image_encoder_stays_unchanged(tmp_path, tokenizer_path):
     assert not np.array_equal(params["llm"]["final_norm"]["scale"], before["llm"]["final_norm"]["scale"])
 
 
+@pytest.mark.slow
 def test_image_encoder_lr_scale_scales_only_encoder_updates():
     """Adam's first real step moves each weight by about the learning rate, so a quarter of the rate gives a
     quarter of the encoder's step while the decoder's step is the one it gets at full rate."""
     from paligemma.params import init_params
 
-    cfg = train.tiny_config(2000)
+    cfg = tiny_config(2000)
     batch = two_example_batch(np.linspace(0, 1, 2 * 56 * 56 * 3, dtype=np.float32).reshape(2, 56, 56, 3))
 
     def deltas(scale):
@@ -72,8 +102,10 @@ def test_image_encoder_lr_scale_scales_only_encoder_updates():
         step, state = train.make_train_step(cfg, optimizer), optimizer.init(params)
         for _ in range(2):  # the warm-up starts at a learning rate of 0
             params, state, _ = step(params, state, batch)
-        return (params["img"]["head"]["kernel"] - before["img"]["head"]["kernel"],
-                params["llm"]["final_norm"]["scale"] - before["llm"]["final_norm"]["scale"])
+        return (
+            params["img"]["head"]["kernel"] - before["img"]["head"]["kernel"],
+            params["llm"]["final_norm"]["scale"] - before["llm"]["final_norm"]["scale"],
+        )
 
     (img_full, llm_full), (img_quarter, llm_quarter) = deltas(1.0), deltas(0.25)
     assert np.abs(img_full).max() > 0
@@ -82,16 +114,32 @@ def test_image_encoder_lr_scale_scales_only_encoder_updates():
 
 
 def test_negative_image_encoder_lr_scale_is_refused(tmp_path, tokenizer_path, capsys):
-    status = train.main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--config", "tiny",
-                         "--tokenizer", tokenizer_path, "--image-encoder-lr-scale", "-1"])
+    status = train.main(
+        [
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            "tiny",
+            "--tokenizer",
+            tokenizer_path,
+            "--image-encoder-lr-scale",
+            "-1",
+        ]
+    )
     assert status == 2
     assert "--image-encoder-lr-scale must be 0 or more" in capsys.readouterr().err
 
 
 def two_example_batch(images):
     """A hand-made training batch for the tiny config: two 56 px images, a 2-token prefix and a 2-token suffix."""
-    return {"images": images, "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
-            "prefix_len": np.array([2, 2], np.int32), "seq_len": np.array([4, 4], np.int32)}
+    return {
+        "images": images,
+        "tokens": np.array([[2, 5, 6, 7], [2, 5, 8, 9]], np.int32),
+        "prefix_len": np.array([2, 2], np.int32),
+        "seq_len": np.array([4, 4], np.int32),
+    }
 
 
 def jax_copy(tree):
@@ -104,8 +152,12 @@ def test_soft_loc_targets_reward_near_misses(monkeypatch):
     """With loc_sigma, a box edge predicted 2 bins off costs less than one 300 bins off; plain CE can't tell."""
     vocab, first = 1100, 40
     target = first + 500
-    batch = {"tokens": np.array([[2, 7, target, 1]], np.int32), "prefix_len": np.array([2], np.int32),
-             "seq_len": np.array([4], np.int32), "images": None}
+    batch = {
+        "tokens": np.array([[2, 7, target, 1]], np.int32),
+        "prefix_len": np.array([2], np.int32),
+        "seq_len": np.array([4], np.int32),
+        "images": None,
+    }
 
     def forward_predicting(bin_):
         logits = np.zeros((1, 4, vocab), np.float32)
@@ -122,27 +174,14 @@ def test_soft_loc_targets_reward_near_misses(monkeypatch):
     assert losses[True, 502] < losses[True, 800] - 0.2
 
 
-def test_structured_init_makes_nearby_bins_alike(tokenizer_path):
-    from paligemma.params import init_params
-    from paligemma.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(tokenizer_path)
-    cfg = train.tiny_config(tokenizer.vocab_size)
-    params = train.structured_init(init_params(cfg, 0), cfg, tokenizer)
-    rows = np.asarray(params["llm"]["embedder"]["input_embedding"])[tokenizer.loc_ids]
-    similarity = rows @ rows[500] / np.linalg.norm(rows, axis=1) / np.linalg.norm(rows[500])
-    assert similarity[501] > 0.9 and similarity[500 + 200] < 0.5
-    pos = np.asarray(params["img"]["pos_embedding"])[0]
-    assert np.linalg.norm(pos[0] - pos[1]) < np.linalg.norm(pos[0] - pos[-1])
-
-
 def test_object_tokens_give_each_loc_and_seg_token_its_box(tokenizer_path):
     from paligemma.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_path)
     segs = "".join(f"<seg{i:03d}>" for i in range(16))
-    suffix = tokenizer.encode(f"<loc0010><loc0020><loc0300><loc0400>{segs} red circle ; "
-                              "<loc0500><loc0600><loc0900><loc1000> red square")
+    suffix = tokenizer.encode(
+        f"<loc0010><loc0020><loc0300><loc0400>{segs} red circle ; <loc0500><loc0600><loc0900><loc1000> red square"
+    )
     found = train.object_tokens(suffix, tokenizer)
     first, second = (10, 20, 300, 400), (500, 600, 900, 1000)
     assert [box for _, box in found] == [first] * 20 + [second] * 4
@@ -163,16 +202,18 @@ def test_batches_put_grounding_targets_before_each_object_token(tmp_path, tokeni
     from paligemma.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_path)
-    cfg = train.tiny_config(tokenizer.vocab_size)  # 56 px, 28 px patches: a 2×2 grid
+    cfg = tiny_config(tokenizer.vocab_size)  # 56 px, 28 px patches: a 2×2 grid
     Image.new("RGB", (56, 56), "white").save(tmp_path / "a.png")
-    examples = [train.Example("a.png", "detect circle", "<loc0000><loc0000><loc0400><loc1000> circle"),
-                train.Example("a.png", "caption en", "a red circle")]
+    examples = [
+        train.Example("a.png", "detect circle", "<loc0000><loc0000><loc0400><loc1000> circle"),
+        train.Example("a.png", "caption en", "a red circle"),
+    ]
     batches = train.Batches(str(tmp_path), examples, tokenizer, cfg)
     assert "grounding" not in batches.batch([0, 1])  # only built when the loss asks for it
     batch = batches.batch([0, 1], with_grounding=True)
     start = len(tokenizer.encode_prompt("detect circle")) - 1  # the position that writes y1
     rows = batch["grounding"][0].sum(-1)
-    assert rows[start: start + 4].tolist() == [2, 2, 2, 2] and rows.sum() == 8  # the top two patches
+    assert rows[start : start + 4].tolist() == [2, 2, 2, 2] and rows.sum() == 8  # the top two patches
     np.testing.assert_array_equal(batch["grounding"][0, start], [1, 1, 0, 0])
     assert not batch["grounding"][1].any()
 
@@ -195,10 +236,14 @@ def test_forward_returns_attention_that_leaves_logits_unchanged():
     from paligemma.model import forward
     from paligemma.params import init_params
 
-    cfg = train.tiny_config(300)
+    cfg = tiny_config(300)
     params = init_params(cfg, 0)
-    args = (np.zeros((2, 56, 56, 3), np.float32), np.array([[2, 5, 6, 7], [2, 5, 8, 0]], np.int32),
-            np.array([2, 2], np.int32), np.array([4, 3], np.int32))
+    args = (
+        np.zeros((2, 56, 56, 3), np.float32),
+        np.array([[2, 5, 6, 7], [2, 5, 8, 0]], np.int32),
+        np.array([2, 2], np.int32),
+        np.array([4, 3], np.int32),
+    )
     plain = forward(params, cfg, *args)
     logits, attention = jax.jit(forward, static_argnums=(1, 6))(params, cfg, *args, True)
     np.testing.assert_allclose(logits, plain, atol=1e-5)
@@ -207,6 +252,7 @@ def test_forward_returns_attention_that_leaves_logits_unchanged():
     assert not np.asarray(attention)[:, 1, :, :, -1].any()  # the second row's padding is never looked at
 
 
+@pytest.mark.slow
 def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
     """A few steps with --grounding raise head 0's attention on the object's patches; without, it stays."""
     from paligemma.model import forward
@@ -214,7 +260,7 @@ def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
     from paligemma.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_path)
-    cfg = train.tiny_config(tokenizer.vocab_size)
+    cfg = tiny_config(tokenizer.vocab_size)
     image = np.full((56, 56, 3), 230, np.uint8)
     image[:28, :28] = (220, 40, 40)
     Image.fromarray(image).save(tmp_path / "a.png")
@@ -228,8 +274,20 @@ def test_grounding_steps_move_attention_to_the_object(tmp_path, tokenizer_path):
         step, state = train.make_train_step(cfg, optimizer, grounding=weight), optimizer.init(params)
         for _ in range(40):
             params, state, _ = step(params, state, batch)
-        _, attention = forward(params, cfg, batch["images"], batch["tokens"], batch["prefix_len"],
-                               batch["seq_len"], with_attention=True)
+        _, attention = forward(
+            params, cfg, batch["images"], batch["tokens"], batch["prefix_len"], batch["seq_len"], with_attention=True
+        )
         return float(attention[1, 0, 0, start, 0])  # the top-left patch holds the square
 
     assert attention_on_object(1.0) > 0.8 > attention_on_object(0.0)
+
+
+def test_the_model_package_never_imports_scenes():
+    """Training is general: the demo model's presets live in paligemma.config, its geometry in scenes/."""
+    import re
+    from pathlib import Path
+
+    sources = {path.name: path.read_text() for path in Path(paligemma.__file__).parent.glob("*.py")}
+    assert "train.py" in sources
+    assert [name for name, text in sources.items() if re.search(r"^\s*(from|import) scenes\b", text, re.M)] == []
+    assert not hasattr(train, "structured_init") and not hasattr(train, "demo_config")

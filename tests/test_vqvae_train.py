@@ -42,7 +42,7 @@ def test_encoder_gives_16_codes_per_mask(random_vqvae):
     assert latents.shape == (5, 16, vqvae_train.EMBEDDING_DIM)
     codes = vqvae_train.encode_masks(random_vqvae, MASKS[:5])
     assert codes.shape == (5, 16) and jnp.issubdtype(codes.dtype, jnp.integer)
-    assert 0 <= int(codes.min()) and int(codes.max()) < 128
+    assert int(codes.min()) >= 0 and int(codes.max()) < 128
 
 
 def test_quantise_picks_the_nearest_codebook_row():
@@ -66,6 +66,7 @@ def test_mask_iou_on_hand_made_masks():
     assert vqvae_train.mask_iou(a, b) == pytest.approx((16 / 48 + 1.0) / 2)  # both empty → 1
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_lower_the_loss():
     params, losses = vqvae_train.train(MASKS, steps=12, seed=0, batch_size=2)
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
@@ -78,21 +79,31 @@ def test_bad_training_arguments_are_refused():
 
 
 def test_saved_files_load_back_and_decode_alike(random_vqvae, tmp_path):
-    vqvae_train.save_vqvae(random_vqvae, tmp_path)
-    loaded = vqvae_train.load_vqvae(tmp_path)
+    vqvae_train.save_vqvae(random_vqvae, tmp_path / "decoder", tmp_path / "encoder")
+    assert sorted(p.name for p in tmp_path.rglob("*.npz")) == [vqvae_train.DECODER_FILE, vqvae_train.ENCODER_FILE]
+    assert (tmp_path / "encoder" / vqvae_train.ENCODER_FILE).is_file()
+    loaded = vqvae_train.load_vqvae(tmp_path / "decoder", tmp_path / "encoder")
     codes = vqvae_train.encode_masks(random_vqvae, MASKS[:4])
     np.testing.assert_array_equal(vqvae_train.encode_masks(loaded, MASKS[:4]), codes)
     expected = np.clip(decode_codes(random_vqvae["decoder"], codes), -1, 1)
-    published = MaskDecoder.load(tmp_path / vqvae_train.DECODER_FILE)
+    published = MaskDecoder.load(tmp_path / "decoder" / vqvae_train.DECODER_FILE)
     np.testing.assert_allclose(published(np.asarray(codes)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_loading_a_folder_without_the_encoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="encoder"):
-        vqvae_train.load_vqvae(tmp_path)
+        vqvae_train.load_vqvae(SHIPPED, tmp_path)
 
 
+def test_the_encoder_stays_with_the_training_code_and_only_the_decoder_ships():
+    assert (Path(vqvae_train.ENCODER_DIR) / vqvae_train.ENCODER_FILE).is_file()
+    assert Path(vqvae_train.ENCODER_DIR).parent == Path(vqvae_train.__file__).parent
+    assert (SHIPPED / vqvae_train.DECODER_FILE).is_file()
+    assert not (SHIPPED / vqvae_train.ENCODER_FILE).exists()
+
+
+@pytest.mark.slow
 def test_shipped_vqvae_reconstructs_held_out_shapes():
-    shipped = vqvae_train.load_vqvae(SHIPPED)
+    shipped = vqvae_train.load_vqvae(SHIPPED)  # the decoder the app uses + the training encoder in scenes/
     held_out = vqvae_train.object_masks(num_scenes=40, seed=12345)
     assert vqvae_train.reconstruction_iou(shipped, held_out) >= 0.9

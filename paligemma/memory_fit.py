@@ -1,0 +1,191 @@
+"""Fit before fetch: how many bytes a model needs (weights + KV cache) and whether this machine has them.
+
+Estimated from the config alone, so a registry can show "6.1 GB · fits" before a 6–55 GB download starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+
+import numpy as np
+
+from .config import PaliGemmaConfig
+from .params import expected_shapes
+
+GB = 1e9
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_TOKENS = 1024 + 64 + 128  # an image at 896 px, a long prompt and the answer: a generous single request
+# Published decoders (224 px, bfloat16) to suggest when a model does not fit: name -> weights bytes.
+_SMALLER = {
+    "PaliGemma 2 28B": 27_650_192_112 * 2,
+    "PaliGemma 2 10B": 9_662_409_456 * 2,
+    "PaliGemma 2 3B": 3_032_094_960 * 2,
+}
+
+
+class DoesNotFit(ValueError):
+    """The model would not fit in the free memory of the devices it is meant for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    dtype: str
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def _dtype_bytes(dtype) -> int:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+def weight_bytes(cfg: PaliGemmaConfig, dtype="bfloat16") -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * _dtype_bytes(dtype)
+
+
+def kv_cache_bytes(cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, tokens: int | None = None) -> int:
+    """Keys and values of every layer for `tokens` positions (image + prompt + answer) of `batch` rows."""
+    t = cfg.text
+    tokens = tokens if tokens is not None else cfg.num_image_tokens + 192
+    return 2 * t.depth * t.num_kv_heads * t.head_dim * tokens * batch * _dtype_bytes(dtype)
+
+
+def estimate(cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, tokens: int | None = None) -> Estimate:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return Estimate(weight_bytes(cfg, name), kv_cache_bytes(cfg, name, batch, tokens), name)
+
+
+def free_bytes(devices=None) -> tuple[int, str]:
+    """(free bytes, a description) of the target devices: host RAM for CPU, device memory for accelerators."""
+    import jax
+    import psutil
+
+    devices = list(devices) if devices is not None else [jax.devices()[0]]
+    if devices[0].platform == "cpu":
+        return psutil.virtual_memory().available, "host RAM"
+    free = 0
+    for device in devices:
+        stats = device.memory_stats() or {}
+        free += int(stats.get("bytes_limit", 0)) - int(stats.get("bytes_in_use", 0))
+    kind = devices[0].device_kind
+    return free, f"{len(devices)} × {kind}" if len(devices) > 1 else kind
+
+
+def check_fits(
+    cfg: PaliGemmaConfig,
+    dtype="bfloat16",
+    batch: int = 1,
+    tokens: int | None = None,
+    devices=None,
+    free: int | None = None,
+    where: str | None = None,
+) -> Estimate:
+    """The estimate, or DoesNotFit naming the need, what is free and what would fit. `free`/`where` override
+    the measurement (for a planned machine, or a test)."""
+    need = estimate(cfg, dtype, batch, tokens)
+    if free is None:
+        free, measured = free_bytes(devices)
+        where = where or measured
+    where = where or "this machine"
+    if need.total <= free:
+        return need
+    raise DoesNotFit(
+        f"{cfg.describe()} needs about {need.total / GB:.1f} GB in {need.dtype} ({need.weights / GB:.1f} GB weights "
+        f"+ {need.kv_cache / GB:.1f} GB KV cache for {batch}×{tokens or cfg.num_image_tokens + 192} tokens) but "
+        f"{where} has {free / GB:.1f} GB free. Would fit: {_alternatives(cfg, need, batch, tokens, free)}"
+    )
+
+
+def _alternatives(cfg, need: Estimate, batch, tokens, free: int) -> str:
+    options = []
+    half = estimate(cfg, "bfloat16", batch, tokens)
+    if need.dtype == "float32" and half.total <= free:
+        options.append(f"dtype bfloat16 ({half.total / GB:.1f} GB)")
+    if free > 0 and half.total > free:
+        options.append(f"splitting it over {math.ceil(half.total / free)} such devices (devices=[...], bfloat16)")
+    smaller = [
+        f"{name} ({size / GB:.1f} GB in bfloat16)"
+        for name, size in _SMALLER.items()
+        if size + half.kv_cache <= free and size < half.weights
+    ]
+    options.append(f"a smaller checkpoint: {smaller[0]}" if smaller else "no published checkpoint on this memory")
+    return "; ".join(options)
+
+
+def config_for_repo(repo_id: str, token: str | None = None, progress=None) -> PaliGemmaConfig:
+    """The architecture of a Hub repo from its config.json alone (a few KB), before any weights are fetched."""
+    from . import hub, published
+
+    with open(hub.download_file(repo_id, "config.json", token=token, progress=progress)) as f:
+        return published.architecture(json.load(f))
+
+
+def estimate_for_repo(repo_id: str, dtype="bfloat16", token: str | None = None, progress=None) -> Estimate:
+    return estimate(config_for_repo(repo_id, token, progress), dtype)
+
+
+def estimate_for_checkpoint(weights: str, dtype="bfloat16") -> Estimate:
+    """The estimate from a local checkpoint's shapes (array headers only; no tensor data is read). `weights`: a
+    .npz file or a Hugging Face folder (hub.weights_in finds it in a folder)."""
+    from .checkpoint import read_checkpoint
+
+    return estimate(read_checkpoint(weights)[1], dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What a source asks of this machine, as far as it is known without downloading the weights."""
+
+    download: int | None  # bytes of the files to fetch (on disk already for local sources); None: unknown
+    need: Estimate | None  # None: unknown (e.g. a gated repo without a token, a Kaggle model not yet fetched)
+    gated: bool | None
+    unknown_because: str = ""  # why `need` is unknown, one line
+
+
+def requirements(source: str, dtype=None) -> Requirements:
+    """Sizes of a local path, a Hub repo (metadata and config.json only) or a `kaggle:` handle (unknown until
+    fetched). dtype None: the one load() would pick on this machine. Never raises for a source it cannot reach:
+    the reason goes into `unknown_because`."""
+    from . import hub
+    from .config import CheckpointError
+    from .devices import default_dtype
+
+    dtype = dtype or np.dtype(default_dtype()).name
+    if hub.is_kaggle(source):
+        return Requirements(None, None, None, "Kaggle models are measured once downloaded")
+    if not hub.is_repo_id(source):
+        try:
+            weights = hub.weights_in(source)
+            return Requirements(_bytes_on_disk(weights), estimate_for_checkpoint(weights, dtype), False)
+        except (CheckpointError, OSError) as err:
+            return Requirements(None, None, False, str(err))
+    try:
+        files, gated = hub.repo_summary(source)
+    except CheckpointError as err:
+        return Requirements(None, None, None, str(err))
+    try:
+        return Requirements(sum(files.values()), estimate_for_repo(source, dtype), gated)
+    except CheckpointError as err:
+        return Requirements(sum(files.values()), None, gated, str(err))
+
+
+def _bytes_on_disk(weights: str) -> int:
+    if os.path.isfile(weights):
+        return os.path.getsize(weights)
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(weights, "*.safetensors")))
+
+
+def describe_fit(est: Estimate, free: int) -> str:
+    """A short registry line, e.g. '6.1 GB (bfloat16) · fits' or '55.3 GB (bfloat16) · needs 39.3 GB more'."""
+    status = "fits" if est.total <= free else f"needs {(est.total - free) / GB:.1f} GB more"
+    return f"{est.total / GB:.1f} GB ({est.dtype}) · {status}"

@@ -1,0 +1,83 @@
+"""Fit before fetch: byte estimates against the published sizes, and the refusal message.
+
+Published sizes: the Hub repos store each parameter once in safetensors (google/paligemma2-* in bfloat16,
+google/paligemma-3b-* main revision in float32), so their weight bytes are parameter count × dtype bytes plus
+a header of a few KB per shard. Parameter counts as published in keras-team/keras-hub
+keras_hub/src/models/pali_gemma/pali_gemma_presets.py ("params" metadata): pali_gemma2_pt_3b_224 3,032,094,960;
+pali_gemma2_pt_10b_224 9,662,409,456; pali_gemma2_pt_28b_224 27,650,192,112; pali_gemma_3b_224 2,923,335,408
+(its 257,152-row embedding; the Hub files carry 257,216 rows).
+"""
+
+import json
+
+import pytest
+from test_published_configs import paligemma1, paligemma2
+
+from paligemma import memory_fit, published
+
+PUBLISHED_BYTES = {  # repo -> (config.json field set, published safetensors weight bytes)
+    "google/paligemma2-3b-pt-224": (paligemma2("3b", 224), 3_032_094_960 * 2),
+    "google/paligemma2-10b-pt-224": (paligemma2("10b", 224), 9_662_409_456 * 2),
+    "google/paligemma2-28b-pt-224": (paligemma2("28b", 224), 27_650_192_112 * 2),
+    "google/paligemma-3b-pt-224": (paligemma1(224), 2_923_335_408 * 4),
+}
+
+
+@pytest.mark.parametrize("repo", PUBLISHED_BYTES)
+def test_weight_estimates_are_within_two_percent_of_the_published_sizes(repo):
+    hf_config, size = PUBLISHED_BYTES[repo]
+    dtype = "float32" if hf_config["torch_dtype"] == "float32" else "bfloat16"
+    estimate = memory_fit.weight_bytes(published.architecture(hf_config), dtype)
+    print(f"{repo}: estimate {estimate / 1e9:.3f} GB, published {size / 1e9:.3f} GB")
+    assert abs(estimate - size) / size < 0.02
+
+
+def test_kv_cache_follows_layers_heads_and_tokens():
+    cfg = published.architecture(paligemma2("3b", 224))
+    # 2 (k, v) × 26 layers × 4 kv heads × 256 head dim × 2 bytes per token and row
+    assert memory_fit.kv_cache_bytes(cfg, "bfloat16", batch=2, tokens=100) == 2 * 26 * 4 * 256 * 2 * 100 * 2
+
+
+def test_a_model_too_big_for_a_small_memory_is_refused_with_what_would_fit():
+    cfg = published.architecture(paligemma2("10b", 224))
+    with pytest.raises(memory_fit.DoesNotFit) as refused:
+        memory_fit.check_fits(cfg, "float32", free=int(24e9), where="this GPU")
+    message = str(refused.value)
+    assert "needs about 39.0 GB in float32 (38.6 GB weights + 0.3 GB KV cache" in message
+    assert "this GPU has 24.0 GB free" in message
+    assert "dtype bfloat16 (19.5 GB)" in message
+    assert "splitting" not in message  # bfloat16 already fits on one
+    big = published.architecture(paligemma2("28b", 224))
+    with pytest.raises(memory_fit.DoesNotFit) as refused:
+        memory_fit.check_fits(big, "bfloat16", free=int(24e9), where="this GPU")
+    assert "splitting it over 3 such devices" in str(refused.value)
+    assert "a smaller checkpoint: PaliGemma 2 10B (19.3 GB in bfloat16)" in str(refused.value)
+
+
+def test_fits_returns_the_estimate_and_measures_host_memory_on_cpu(monkeypatch):
+    import psutil
+
+    cfg = published.architecture(paligemma2("3b", 224))
+
+    class Memory:
+        available = int(4e9)
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    with pytest.raises(memory_fit.DoesNotFit, match="host RAM has 4.0 GB free.*no published checkpoint"):
+        memory_fit.check_fits(cfg, "bfloat16")
+    Memory.available = int(64e9)
+    assert memory_fit.check_fits(cfg, "bfloat16").weights == 3_032_094_960 * 2
+
+
+def test_estimate_for_repo_reads_only_config_json(tmp_path, monkeypatch):
+    from paligemma import hub
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(paligemma2("28b", 224)))
+    asked = []
+    monkeypatch.setattr(hub, "download_file", lambda repo, name, **kw: asked.append((repo, name)) or str(path))
+    estimate = memory_fit.estimate_for_repo("google/paligemma2-28b-pt-224")
+    assert asked == [("google/paligemma2-28b-pt-224", "config.json")]
+    assert estimate.weights == 27_650_192_112 * 2
+    assert memory_fit.describe_fit(estimate, int(80e9)).endswith("· fits")
+    assert "needs" in memory_fit.describe_fit(estimate, int(24e9))
