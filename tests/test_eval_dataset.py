@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 import paligemma
 from paligemma import evaluate as ev
+from paligemma.__main__ import main as cli_main
 from paligemma.eval_data import read_examples
 from postprocess import MaskDecoder, objects, parse
 from scenes.dataset import write_dataset
@@ -57,8 +58,9 @@ def report(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_out")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = ev.main(
+        code = cli_main(
             [
+                "evaluate",
                 "--model",
                 str(DEMO),
                 "--data",
