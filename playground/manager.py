@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import glob
 import logging
 import os
 import threading
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 _DOWNLOAD = (0.05, 0.6)  # the share of the progress bar that downloads take
-_WEIGHT_PATTERNS = ("*.safetensors", "*.npz")
 DEMO_MISSING = (
     ": the demo model ships with the repository as assets/demo/ (model.npz, tokenizer.model, "
     "vae-oid.npz); use a complete checkout (git lfs pull if it uses Git LFS)"
@@ -96,14 +94,6 @@ def describe_requirements(found: paligemma.Requirements, free: int) -> dict:
         "free_bytes": free,
         "text": text,
     }
-
-
-def weight_bytes(path: str) -> int:
-    """Size on disk of the weight files of a checkpoint file or folder."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    files = {f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(path, pattern))}
-    return sum(os.path.getsize(f) for f in files if os.path.basename(f) not in paligemma.NOT_WEIGHTS)
 
 
 class ModelManager:

@@ -4,6 +4,7 @@ fact (dtype names, files that are not weights, the out-of-memory check) is defin
 import ast
 import glob
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import pytest
 import paligemma
 import postprocess
 from playground import registry
-from playground.manager import weight_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = [os.path.join(REPO, "app.py"), *sorted(glob.glob(os.path.join(REPO, "playground", "*.py")))]
@@ -63,12 +63,13 @@ def test_the_loc_and_seg_counts_are_defined_once_in_the_tokenizer():
     assert (paligemma.NUM_LOC, paligemma.NUM_SEG, paligemma.SEG_TOKENS_PER_MASK) == (1024, 128, 16)
 
 
-def test_the_manager_counts_only_weights(tmp_path):
-    np.savez(tmp_path / "model.npz", w=np.zeros(1000, np.float32))
+def test_a_folders_size_counts_only_its_weights(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
     for name in paligemma.NOT_WEIGHTS:
-        np.savez(tmp_path / name, w=np.zeros(5000, np.float32))
+        np.savez(folder / name, w=np.zeros(5000, np.float32))
     assert paligemma.MASK_DECODER_NAME in paligemma.NOT_WEIGHTS and "vqvae-encoder.npz" in paligemma.NOT_WEIGHTS
-    assert weight_bytes(str(tmp_path)) == os.path.getsize(tmp_path / "model.npz")
+    assert paligemma.requirements(str(folder)).download == os.path.getsize(folder / "model.npz")
 
 
 def test_the_registry_accepts_the_dtypes_load_accepts(tmp_path):
