@@ -27,7 +27,7 @@ from .hf_export import export as export_hf
 from .hub import cli_progress, is_repo_id
 from .hub import is_kaggle as is_kaggle_source
 from .hub import resolve as resolve_source
-from .memory_fit import DoesNotFit, Estimate, Requirements, describe_fit, estimate_for_repo, requirements
+from .memory_fit import DoesNotFit, Estimate, Requirements, describe_fit, estimate_for_repo, format_bytes, requirements
 from .memory_fit import free_bytes as free_memory
 from .params import count as count_params
 from .params import init_params
@@ -48,7 +48,8 @@ __all__ = [
     "MASK_DECODER_NAME", "TOKENIZER_NAMES", "NOT_WEIGHTS", "is_repo_id", "is_kaggle_source", "resolve_source",
     "CompanionMissing", "cli_progress",
     # fit before fetch: sizes of a source, and this machine's free memory
-    "DoesNotFit", "Estimate", "Requirements", "requirements", "estimate_for_repo", "describe_fit", "free_memory",
+    "DoesNotFit", "Estimate", "Requirements", "requirements", "estimate_for_repo", "describe_fit", "format_bytes",
+    "free_memory",
     # the loc/seg vocabulary
     "NUM_LOC", "NUM_SEG", "SEG_TOKENS_PER_MASK", "Tokenizer", "train_tokenizer",
     # building, saving and benchmarking models

@@ -100,9 +100,10 @@ def check_fits(
     if need.total <= free:
         return need
     raise DoesNotFit(
-        f"{cfg.describe()} needs about {need.total / GB:.1f} GB in {need.dtype} ({need.weights / GB:.1f} GB weights "
-        f"+ {need.kv_cache / GB:.1f} GB KV cache for {batch}×{tokens or cfg.num_image_tokens + 192} tokens) but "
-        f"{where} has {free / GB:.1f} GB free. Would fit: {_alternatives(cfg, need, batch, tokens, free)}"
+        f"{cfg.describe()} needs about {format_bytes(need.total)} in {need.dtype} ({format_bytes(need.weights)} "
+        f"weights + {format_bytes(need.kv_cache)} KV cache for {batch}×{tokens or cfg.num_image_tokens + 192} "
+        f"tokens) but {where} has {format_bytes(free)} free. Would fit: "
+        f"{_alternatives(cfg, need, batch, tokens, free)}"
     )
 
 
@@ -110,7 +111,7 @@ def _alternatives(cfg, need: Estimate, batch, tokens, free: int) -> str:
     options = []
     half = estimate(cfg, "bfloat16", batch, tokens)
     if need.dtype == "float32" and half.total <= free:
-        options.append(f"dtype bfloat16 ({half.total / GB:.1f} GB)")
+        options.append(f"dtype bfloat16 ({format_bytes(half.total)})")
     if free > 0 and half.total > free:
         options.append(f"splitting it over {math.ceil(half.total / free)} such devices (devices=[...], bfloat16)")
     smaller = [
@@ -185,7 +186,12 @@ def _bytes_on_disk(weights: str) -> int:
     return sum(os.path.getsize(f) for f in glob.glob(os.path.join(weights, "*.safetensors")))
 
 
+def format_bytes(n: int) -> str:
+    """A size for a person: '6.1 GB', '28.4 MB', '512 KB'."""
+    return f"{n / GB:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
+
+
 def describe_fit(est: Estimate, free: int) -> str:
     """A short registry line, e.g. '6.1 GB (bfloat16) · fits' or '55.3 GB (bfloat16) · needs 39.3 GB more'."""
-    status = "fits" if est.total <= free else f"needs {(est.total - free) / GB:.1f} GB more"
-    return f"{est.total / GB:.1f} GB ({est.dtype}) · {status}"
+    status = "fits" if est.total <= free else f"needs {format_bytes(est.total - free)} more"
+    return f"{format_bytes(est.total)} ({est.dtype}) · {status}"

@@ -42,11 +42,14 @@ class ReadyModel:
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
     def info_line(self) -> str:
-        """Family, resolution, size, dtype, device: e.g. 'PaliGemma 2 · Gemma 2 2B · 224px · 3.03 B parameters · …'."""
+        """What the model is and where it runs, in words: e.g. 'PaliGemma 2 (3.03 billion parameters, 224 px
+        input), float32 on the CPU'; the decoder's code name stays in the model's `info()`."""
         info = self.model.info()
         size = info["parameters"]
-        size_text = f"{size / 1e9:.2f} B" if size >= 1e9 else f"{size / 1e6:.1f} M"
-        return f"{info['name']} · {size_text} parameters · {info['dtype']} · {info['device']}"
+        size_text = f"{size / 1e9:.2f} billion" if size >= 1e9 else f"{size / 1e6:.1f} million"
+        family = info["name"].split(" · ")[0]
+        where = "the CPU" if info["device"] == "cpu" else f"the {info['device'].upper()}"
+        return f"{family} ({size_text} parameters, {info['resolution']} px input), {info['dtype']} on {where}"
 
     @property
     def mask_note(self) -> str | None:
@@ -69,18 +72,16 @@ def available_bytes() -> int:
     return paligemma.free_memory()[0]
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
-
-
-def describe_requirements(found: paligemma.Requirements, free: int) -> dict:
+def describe_requirements(found: paligemma.Requirements, free: int, remote: bool = True) -> dict:
     """The page's view of a model's sizes: download and memory bytes, gated, fits (None: unknown), one line."""
     need = found.need
     fits = None if need is None else need.total <= free
     parts = [
-        f"{_size(found.download)} download" if found.download else None,
+        f"{paligemma.format_bytes(found.download)} {'download' if remote else 'on disk'}" if found.download else None,
         "gated: needs HF_TOKEN with the licence accepted" if found.gated else None,
-        paligemma.describe_fit(need, free) + f" ({_size(free)} free)" if need else "memory need unknown",
+        paligemma.describe_fit(need, free) + f" ({paligemma.format_bytes(free)} free)"
+        if need
+        else "memory need unknown",
     ]
     text = " · ".join(p for p in parts if p)
     if need is None and found.download is None:
@@ -165,7 +166,7 @@ class ModelManager:
             known.wait()
             with self._lock:
                 known = self._requirements[name]
-        return describe_requirements(known, self._memory())
+        return describe_requirements(known, self._memory(), remote=entry.remote)
 
     def _measure(self, entry: ModelEntry, done: threading.Event) -> None:
         try:
@@ -240,8 +241,11 @@ class ModelManager:
 
         def downloading(file: str, done: int, total: int) -> None:
             low, high = _DOWNLOAD
-            of = f" of {_size(total)}" if total else ""
-            step(low + (high - low) * (done / total if total else 0.0), f"downloading {file}: {_size(done)}{of}")
+            of = f" of {paligemma.format_bytes(total)}" if total else ""
+            step(
+                low + (high - low) * (done / total if total else 0.0),
+                f"downloading {file}: {paligemma.format_bytes(done)}{of}",
+            )
 
         step(0.02, "checking the model's size")
         if not entry.remote and not os.path.exists(entry.source):
