@@ -61,10 +61,18 @@ class ReadyModel:
 class _Load:
     """One load in progress, shared by everyone waiting for it."""
 
-    fraction: float = 0.0
-    message: str = "waiting for another model to finish loading"
+    steps: list[tuple[float, str]] = dataclasses.field(
+        default_factory=lambda: [(0.0, "waiting for another model to finish loading")]
+    )  # (fraction done, what is happening), appended as the load goes on
     error: str | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+def _last_of_each_phase(steps: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """The last step of each run of one phase (the text before ':', e.g. one file's download): a waiter that
+    polls now and then still hears of every file and phase, without every byte count in between."""
+    phase = [message.split(":")[0] for _, message in steps]
+    return [step for i, step in enumerate(steps) if i + 1 == len(steps) or phase[i + 1] != phase[i]]
 
 
 def available_bytes() -> int:
@@ -124,11 +132,15 @@ class ModelManager:
         entry = self.registry.get(name)
         load = self._start(entry)
         if load is not None:
-            shown = None
-            while not load.done.wait(poll_s):
-                if progress is not None and (load.fraction, load.message) != shown:
-                    shown = (load.fraction, load.message)
-                    progress(*shown)
+            seen = 0
+            while True:
+                finished = load.done.wait(poll_s)
+                new = load.steps[seen:]
+                seen += len(new)
+                for step in _last_of_each_phase(new) if progress is not None else ():
+                    progress(*step)
+                if finished:
+                    break
             if load.error is not None:
                 raise ModelUnavailable(load.error)
             if progress is not None:
@@ -188,7 +200,8 @@ class ModelManager:
             masks = f" · ⚠️ boxes only, no masks: {ready.mask_note}" if ready.mask_note else ""
             return f"**{ready.info_line()}** · ready (loaded in {ready.load_s:.1f} s){masks}{notes}"
         if load is not None:
-            return f"Loading: {load.message} ({load.fraction:.0%}){notes}"
+            fraction, message = load.steps[-1]
+            return f"Loading: {message} ({fraction:.0%}){notes}"
         if failure is not None:
             return f"⚠️ Cannot load: {failure}"
         return f"Loads on first use from `{entry.source}`{notes}"
@@ -237,7 +250,7 @@ class ModelManager:
 
     def _build(self, entry: ModelEntry, load: _Load) -> ReadyModel:
         def step(fraction: float, message: str) -> None:
-            load.fraction, load.message = fraction, message
+            load.steps.append((fraction, message))
 
         def downloading(file: str, done: int, total: int) -> None:
             low, high = _DOWNLOAD
