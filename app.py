@@ -15,7 +15,8 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 import paligemma
-from playground import batching, prompts, registry
+from playground import batching, gradio_cache, prompts, registry
+from playground.debug_panel import NO_RUN, build_debug_panel
 from playground.evaluate_tab import build_evaluate_tab
 from playground.manager import ModelManager
 from playground.requests import (
@@ -23,9 +24,13 @@ from playground.requests import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_PIXELS,
     PROGRESS,
+    SCHEDULERS,
+    SCORED,
     SEED,
     ArrivalStamp,
+    Outcome,
     Playground,
+    filter_by_confidence,
     read_upload,
     toggle_overlay,
 )
@@ -69,7 +74,13 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
                             elem_id="examples",
                         )
                 with gr.Row():
-                    task = gr.Radio(prompts.TASK_NAMES, value="caption", label="Task", scale=4, elem_id="tasks")
+                    task = gr.Radio(
+                        list(manager.registry.get(manager.registry.default).tasks),
+                        value="caption",
+                        label="Task",
+                        scale=4,
+                        elem_id="tasks",
+                    )
                     language = gr.Dropdown(
                         prompts.LANGUAGES,
                         value=prompts.DEFAULT_LANGUAGE,
@@ -117,6 +128,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
                         timing_line = gr.Markdown("", elem_id="timing-line")
                         drawn = gr.File(label="Annotated picture (PNG)", elem_id="annotated-png", visible=False)
                         detections = gr.File(label="Detections (JSON)", visible=False)
+                panel = build_debug_panel()  # closed until opened: confidences, the model's eye, tokens, truth
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         max_new_tokens = gr.Slider(
@@ -136,7 +148,12 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
         glue = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}  # page only, no accelerator
         task.input(_retarget_prompt, [task, language, prompt], [prompt, language], **glue)
         language.input(_retarget_prompt, [task, language, prompt], [prompt, language], **glue)
-        prompt.change(_task_of_prompt, prompt, [task, language], **glue)
+        prompt.change(
+            lambda text, name: _task_of_prompt(text, manager.registry.get(name).tasks),
+            [prompt, model],
+            [task, language],
+            **glue,
+        )
         image.upload(_check_upload, image, status, **glue)
         annotated.select(toggle_overlay, result, [annotated, result], **glue)
         page_outputs = [
@@ -166,10 +183,20 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
             playground.run_on_page, [image, prompt, model, decoding, max_new_tokens, seed], preprocess=False, **running
         )
         runs.then(**idle)
+        debug = {"fn": _debug_of, "inputs": result, "outputs": [panel.run, panel.note], **glue}
+        thresholded = {
+            "fn": filter_by_confidence,
+            "inputs": [result, panel.threshold],
+            "outputs": [annotated, result],
+            **glue,
+        }  # the slider's value also holds for the next result
+        panel.follow(runs.then(**thresholded).then(**debug))
         more = again.click(lambda tokens: (tokens, *BUSY), offered, [max_new_tokens, run, stop], **glue).then(
             playground.run_on_page, [image, prompt, model, decoding, max_new_tokens, seed], preprocess=False, **running
         )
         more.then(**idle)
+        panel.follow(more.then(**thresholded).then(**debug))
+        panel.threshold.release(**thresholded)
 
         def pick(evt: gr.SelectData, listed):
             example = listed[evt.index]
@@ -178,6 +205,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
         picked = gallery.select(pick, shown, [image, prompt, run, stop, status, chosen], **glue)
         example_runs = picked.then(playground.run_example, [chosen, model, decoding, max_new_tokens, seed], **running)
         example_runs.then(**idle).then(None, js=SHOW_RESULT, **glue)
+        panel.follow(example_runs.then(**thresholded).then(**debug))
         cancelling = [runs, more, example_runs]
         stop.click(lambda: (*IDLE, "Stopped."), None, [run, stop, status], cancels=cancelling, **glue)
         nothing = gr.update(value=None, visible=False)
@@ -188,6 +216,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
             cancels=cancelling,
             **glue,
         )
+        panel.follow(clear.click(lambda: (None, NO_RUN), None, [panel.run, panel.note], **glue))
         image.clear(lambda: IDLE, None, [run, stop], cancels=cancelling, **glue)
         working = gr.State(manager.registry.default)  # the model this visitor last used that loaded
 
@@ -210,7 +239,12 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
             api_visibility="private",
             concurrency_id="status",
             concurrency_limit=STATUS_CONCURRENCY,
-        ).then(lambda name: _examples_for(name, examples), model, [gallery, shown, language], **glue)
+        ).then(lambda name: _examples_for(name, examples), model, [gallery, shown, language], **glue).then(
+            lambda *values: _tasks_for(manager.registry, *values),
+            [model, task, language, prompt],
+            [task, prompt, language],
+            **glue,
+        )
         # The API's /run (no trigger on the page) returns plain values, which is what a gradio_client caller uses.
         gr.on(
             [],
@@ -246,6 +280,21 @@ def _examples_for(name: str, examples: list[prompts.Example]):
     return [(ex.image, ex.prompt) for ex in listed], listed, gr.Dropdown(choices=languages)
 
 
+def _debug_of(outcome: Outcome | None):
+    """The debug panel's run of the result on screen, and what the panel says when it has none."""
+    if outcome is None:
+        return None, NO_RUN
+    return outcome.debug, outcome.debug_note
+
+
+def _tasks_for(models: registry.Registry, name: str, task: str, language: str, prompt: str):
+    """The task chips of model `name` (only the tasks it was taught); a task it lacks gives way to its first."""
+    offered = models.get(name).tasks
+    if task in offered:
+        return gr.Radio(choices=list(offered)), gr.skip(), gr.skip()
+    return gr.Radio(choices=list(offered), value=offered[0]), *_retarget_prompt(offered[0], language, prompt)
+
+
 def _check_upload(upload: str | None) -> str:
     """The upload's problem at once, before any Run, or nothing."""
     if not upload:
@@ -262,16 +311,18 @@ def _retarget_prompt(task: str, language: str, prompt: str):
     return prompts.retarget(prompt, task, language), gr.Dropdown(visible=takes_language)
 
 
-def _task_of_prompt(prompt: str):
+def _task_of_prompt(prompt: str, offered: tuple[str, ...]):
+    """The chip of the task the prompt names, when the model offers it (a typed prompt may name any)."""
     task, language, _ = prompts.split(prompt)
-    if task is None:
+    if task is None or task.name not in offered:
         return gr.skip(), gr.skip()
     return task.name, gr.Dropdown(value=language or prompts.DEFAULT_LANGUAGE, visible=task.takes_language)
 
 
 def serve(demo: gr.Blocks, models: registry.Registry, host: str, port: int, share: bool = False, block: bool = True):
     """Queue bounded (runs share the accelerator through playground.batching); uploads capped; nothing served
-    but the app's own files."""
+    but the app's own files; pictures cached by rename, so concurrent visitors never get a truncated one."""
+    gradio_cache.install()
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return demo.launch(
         server_name=host,
@@ -303,14 +354,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"model registry, JSON or YAML (default: models.json here); more models can come from ${registry.ENV_VAR}",
     )
     parser.add_argument("--no-preload", action="store_true", help="load the default model on first use, not at start")
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="auto",
+        help="how concurrent runs share the model: continuous batching or same-settings batches "
+        "(auto: continuous on accelerators, batches on CPU)",
+    )
     return parser.parse_args(argv)
 
 
-def create_app(models_file: str | None, preload: bool = True) -> tuple[gr.Blocks, registry.Registry]:
+def create_app(
+    models_file: str | None, preload: bool = True, scheduler: str = "auto"
+) -> tuple[gr.Blocks, registry.Registry]:
     """The page over the demo model, the registry file's models and those of $PALIGEMMA_MODELS."""
     models = registry.build(DEMO_DIR, models_file, os.environ.get(registry.ENV_VAR))
-    manager = ModelManager(models, warmup_tokens=DEFAULT_MAX_NEW_TOKENS)
-    playground = Playground(manager)
+    manager = ModelManager(models, warmup_tokens=DEFAULT_MAX_NEW_TOKENS, warmup_scores=SCORED)
+    playground = Playground(manager, scheduler)
     examples = prompts.load_examples(EXAMPLES_DIR)
     if preload:
         manager.start(models.default)
@@ -322,7 +382,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     paligemma.enable_compile_cache()  # a restarted server answers its first request without compiling again
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    demo, models = create_app(args.models, preload=not args.no_preload)
+    demo, models = create_app(args.models, preload=not args.no_preload, scheduler=args.scheduler)
     serve(demo, models, args.host, args.port, args.share)
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 
 import jax
 
 import paligemma
+from bench.machine import cpu
 from paligemma.eval_data import read_examples
 from paligemma.evaluate import evaluate
 from scenes.dataset import write_dataset
@@ -33,37 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "assets", "demo")
 MIX = TaskMix(caption=1, detect=1, segment=1, count=0, colour=0, yes_no=0)
 SEED = 20261204
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "fma")
 
 
 def machine() -> dict:
-    """CPU model, its vector features, core count and JAX's devices: printed with every table."""
-    model, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        family = next(
-            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith(("CPU family", "Model:"))),
-            "",
-        )
-    except (OSError, subprocess.SubprocessError):
-        family = ""
-    return {
-        "cpu": model,
-        "family_or_model": family,
-        "vector_flags": sorted(flags & set(VECTOR_FLAGS)),
-        "cores": os.cpu_count(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax": jax.__version__,
-    }
+    """The CPU (bench.machine) and JAX's devices: printed with every table."""
+    return {**cpu(), "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
 
 
 def loop_images_per_s(model, data: str, max_new_tokens: int, repeats: int) -> float:

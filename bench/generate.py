@@ -88,7 +88,9 @@ def _write_weights(name: str, folder: str) -> None:
 
 
 def prepare(name: str, root: str, rewrite: bool) -> str:
-    folder = os.path.join(root, name)
+    """The config's weights folder under `root` (ours/ and hf/), written unless there; absolute, because the
+    processes that write and read it run from the repository root."""
+    folder = os.path.join(os.path.abspath(root), name)
     if rewrite or not os.path.isfile(os.path.join(folder, "hf", "config.json")):
         shutil.rmtree(folder, ignore_errors=True)
         print(f"writing {name} weights to {folder} …", file=sys.stderr, flush=True)
@@ -261,7 +263,7 @@ def _run_case(framework: str, folder: str, batch: int, args, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
@@ -284,7 +286,7 @@ def ratios(rows: dict, bandwidth: dict) -> dict:
     recompiles = (rows[("ours", b)]["recompiles_for_other_prompt_lengths"] for b in BATCHES)
     out["recompiles_for_other_prompt_lengths"] = max(recompiles)
     out["peak_rss_after_load_over_weight_bytes"] = ours1["peak_rss_after_load_gib"] * 2**30 / ours1["weight_bytes"]
-    out["greedy_tokens_equal_b1"] = f"{_common_prefix(ours1['tokens'], theirs1['tokens'])}/{len(ours1['tokens'])}"
+    out["greedy_tokens_equal_b1"] = f"{common_prefix(ours1['tokens'], theirs1['tokens'])}/{len(ours1['tokens'])}"
     return out
 
 

@@ -35,7 +35,7 @@ EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 
 def soak(url: str, clients: int, total: int, max_new_tokens: int) -> list[dict]:
     """`total` requests from `clients` threads, each with its own gradio_client session: one record each."""
-    examples = prompts.load_examples(EXAMPLES_DIR)
+    examples = prompts.examples_for("demo", prompts.load_examples(EXAMPLES_DIR))  # the demo model's gallery
     numbers, records, lock = itertools.count(), [], threading.Lock()
 
     def client_loop() -> None:

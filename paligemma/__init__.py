@@ -33,6 +33,7 @@ from .params import count as count_params
 from .params import init_params
 from .preprocess import ACCEPTED, FORMATS, ImageError, open_image, preprocess, to_rgb
 from .samplers import Sampler, SamplerError, parse_sampler
+from .slots import SlotEngine
 from .tokenizer import NUM_LOC, NUM_SEG, SEG_TOKENS_PER_MASK, Tokenizer, train_tokenizer
 
 __all__ = [
@@ -40,10 +41,12 @@ __all__ = [
     "load", "Model", "Result", "Timing", "TokenScores", "DTYPES", "DTYPE_NAMES", "MAX_NEW_TOKENS",
     "MAX_PROMPT_TOKENS", "PROMPT_BUCKETS", "Sampler", "parse_sampler", "MAX_SEED", "is_out_of_memory",
     "enable_compile_cache",
+    # continuous batching: decode slots that requests join and leave between chunks
+    "SlotEngine",
     # bad input, each a ValueError
     "CheckpointError", "ImageError", "SamplerError",
     # images
-    "open_image", "to_rgb", "ACCEPTED", "FORMATS",
+    "open_image", "to_rgb", "preprocess", "ACCEPTED", "FORMATS",
     # files of a checkpoint folder, and where a model comes from
     "MASK_DECODER_NAME", "TOKENIZER_NAMES", "NOT_WEIGHTS", "is_repo_id", "is_kaggle_source", "resolve_source",
     "CompanionMissing", "cli_progress",
@@ -192,10 +195,7 @@ class Model:
             scores = None
             if scored:
                 arrays = scored[0]
-                scores = [
-                    TokenScores(row, *(arrays[name][i, : len(row)] for name in SCORE_KEYS))
-                    for i, row in enumerate(rows)
-                ]
+                scores = [TokenScores.of(row, {k: arrays[k][i] for k in SCORE_KEYS}) for i, row in enumerate(rows)]
             yield Result([self.tokenizer.decode(r) for r in rows], rows, timing, scores)
 
     def generate_batch(
@@ -215,10 +215,12 @@ class Model:
         for result in self.run([image], [prompt], max_new_tokens, sampler, seed, chunk=chunk_tokens):
             yield result.texts[0]
 
-    def warmup(self, batch: int = 1, max_new_tokens: int = 64) -> None:
-        """Compiles the common bucket ahead of the first visitor."""
+    def warmup(self, batch: int = 1, max_new_tokens: int = 64, return_scores: bool = False) -> None:
+        """Compiles the common bucket ahead of the first visitor, in the variant its runs will use (with or
+        without token scores: each is compiled separately)."""
         blank = np.zeros((self.config.image_size, self.config.image_size, 3), np.uint8)
-        self.generate_batch([blank] * batch, ["caption en"] * batch, max_new_tokens=max_new_tokens)
+        for _ in self.run([blank] * batch, ["caption en"] * batch, max_new_tokens, return_scores=return_scores):
+            pass
 
 
 def _mesh_for(devices) -> jax.sharding.Mesh | None:

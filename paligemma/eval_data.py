@@ -142,10 +142,13 @@ def _with_readable_images(
 
 
 def _why_unreadable(path: str, confined_to: str | None) -> str | None:
+    """None for an image that opens; else why not, naming an uploaded data set's image as the data set does
+    (relative to its folder), never by where the server unpacked it."""
+    shown = os.path.relpath(path, confined_to) if confined_to is not None else path
     if confined_to is not None and os.path.commonpath([confined_to, os.path.realpath(path)]) != confined_to:
-        return f"image path leads out of the data set's folder: {path}"
+        return f"image path leads out of the data set's folder: {shown}"
     if not os.path.isfile(path):
-        return f"image not found: {path}"
+        return f"image not found: {shown}"
     try:
         open_image(path).close()
     except ImageError as err:

@@ -61,6 +61,11 @@ class TokenScores:
     top_ids: np.ndarray
     top_logprobs: np.ndarray
 
+    @classmethod
+    def of(cls, ids: list[int], arrays) -> TokenScores:
+        """The scores of `ids` (one row's tokens, cut at EOS) from that row's SCORE_KEYS arrays, each [T, ...]."""
+        return cls(ids, *(arrays[name][: len(ids)] for name in SCORE_KEYS))
+
 
 @dataclasses.dataclass
 class Timing:
@@ -174,19 +179,30 @@ def _record_scores(state, logits, token, step):
     }
 
 
-def _next_logits(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, prefix_end, step, max_new: int):
-    """Feeds token int32[B, 1], the (step-1)-th new token of each row, through the decoder: (logits of the
-    step-th [B, V], the cache with its keys and values written)."""
+def decode_step(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, prefix_end, step, max_new: int):
+    """Feeds token int32[B, 1], the (step-1)-th new token of each row, through the decoder without writing the
+    cache: (logits of the step-th [B, V], the fed token's keys and values, the cache index they belong at).
+
+    step: one int32 for the whole batch (Generator) or int32[B], each row at its own step (slots.py); the cache
+    index then has the same shape."""
     cache_len = gemma.cache_length(cache)
     generated_start = cache_len - max_new  # P + Tp
     index = generated_start + step - 1  # cache slot of the token being fed
     x = gemma.embed_tokens(params["llm"], cfg.text, token)
     positions = (prefix_end + step - 1)[:, None]
     slots = jnp.arange(cache_len)[None, None, :]
-    mask_cache = (slots < prefix_end[:, None, None]) | ((slots >= generated_start) & (slots < index))
+    fed = index if jnp.ndim(index) == 0 else index[:, None, None]
+    mask_cache = (slots < prefix_end[:, None, None]) | ((slots >= generated_start) & (slots < fed))
     mask_new = jnp.ones((token.shape[0], 1, 1), bool)
     hidden, new_kv, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new, cache, mask_cache)
     logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, hidden)[:, 0], valid_vocab)
+    return logits, new_kv, index
+
+
+def _next_logits(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, prefix_end, step, max_new: int):
+    """decode_step for a batch at one step: (logits of the step-th token [B, V], the cache with the fed token's
+    keys and values written)."""
+    logits, new_kv, index = decode_step(params, cfg, valid_vocab, cache, token, prefix_end, step, max_new)
     return logits, gemma.write_cache(cache, new_kv, index)
 
 
@@ -292,6 +308,11 @@ class Generator:
         """Swaps weights (same shapes); the compiled functions stay."""
         self._params = params
         self._decode_params = decode_params(params)
+
+    @property
+    def decode_params(self):
+        """The params the decode loop reads (on one CPU device: per-layer views of the stacked weights)."""
+        return self._decode_params
 
     @property
     def compile_count(self) -> int:

@@ -6,7 +6,8 @@ share one `Model.run` call. Each request still streams its own text and gets its
 
 One worker thread runs one batch at a time for every model of the server, as the single-run queue did
 before: models never compete for the accelerator. Only greedy requests are batched: a sampled row's
-random draws depend on its batch, so a sampled request runs alone and stays reproducible.
+random draws depend on its batch, so a sampled request runs alone and stays reproducible. Requests that ask
+for token scores run a separately compiled variant of the model, so they share batches only with each other.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import paligemma
 
 MAX_BATCH = 8  # one of the generator's batch buckets: larger batches would compile another shape
 GATHER_S = 0.005  # how long a request that finds the model idle waits for others to join it
-_DONE = object()
+DONE = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Update:
     text: str
     timing: dict  # Timing.as_dict() of the whole batch, plus batch_size and batch_wait_s
     tokens: int = 0  # tokens of this request's answer so far, its EOS not counted
+    scores: paligemma.TokenScores | None = None  # when submitted with return_scores
 
 
 @dataclasses.dataclass(eq=False)
@@ -42,6 +44,7 @@ class _Job:
     max_new_tokens: int
     sampler: paligemma.Sampler
     seed: int
+    return_scores: bool
     group: object  # jobs with equal groups may share a batch
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     updates: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
@@ -65,24 +68,27 @@ class Batcher:
         sampler: str | paligemma.Sampler = "greedy",
         seed: int | None = None,
         tick_s: float | None = None,
+        return_scores: bool = False,
     ) -> Iterator[Update | None]:
         """Queues one request; iterate the result for its updates, close it to cancel the request (a waiting
         request is dropped, a running batch stops once none of its members listens). A request the model
         would refuse (a prompt too long) raises here, before it can join a batch and fail the others; a
         failure of the batch's run is raised to each of its members. seed: for sampled decodings (a sampled
         request runs alone), by default the batcher's. tick_s: when given, the stream also yields None after each
-        tick_s seconds without news, so that its reader can say it is still waiting."""
+        tick_s seconds without news, so that its reader can say it is still waiting. return_scores: each update
+        also carries the request's paligemma.TokenScores."""
         model.encode_prompt(prompt)
         sampler = paligemma.parse_sampler(sampler)
-        group = (model, sampler, max_new_tokens) if sampler.kind == "greedy" else object()
-        job = _Job(model, image, prompt, max_new_tokens, sampler, self.seed if seed is None else seed, group)
+        group = (model, sampler, max_new_tokens, return_scores) if sampler.kind == "greedy" else object()
+        seed = self.seed if seed is None else seed
+        job = _Job(model, image, prompt, max_new_tokens, sampler, seed, return_scores, group)
         with self._changed:
             self._pending.append(job)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
                 self._worker.start()
             self._changed.notify()
-        return _Stream(job, tick_s)
+        return Stream(job, tick_s)
 
     def _work(self) -> None:
         while True:
@@ -115,7 +121,7 @@ class Batcher:
     def _run(self, batch: list[_Job]) -> None:
         started = time.monotonic()
         first = batch[0]
-        outcome = _DONE
+        outcome = DONE
         try:
             run = first.model.run(
                 [job.image for job in batch],
@@ -124,13 +130,15 @@ class Batcher:
                 first.sampler,
                 first.seed,
                 chunk=self.chunk,
+                return_scores=first.return_scores,
             )
             with contextlib.closing(run) as results:
                 for result in results:
                     timing = {**result.timing.as_dict(), "batch_size": len(batch)}
-                    for job, text, ids in zip(batch, result.texts, result.token_ids):
+                    scores = result.scores or [None] * len(batch)
+                    for job, text, ids, scored in zip(batch, result.texts, result.token_ids, scores):
                         wait = round(started - job.submitted, 4)
-                        job.updates.put(Update(text, {**timing, "batch_wait_s": wait}, len(ids)))
+                        job.updates.put(Update(text, {**timing, "batch_wait_s": wait}, len(ids), scored))
                     if all(job.abandoned for job in batch):
                         break  # nobody is listening: free the accelerator
         except Exception as err:  # every member hears of it (and logs it); the worker goes on with the next batch
@@ -140,13 +148,13 @@ class Batcher:
                 job.updates.put(outcome)
 
 
-class _Stream:
+class Stream:
     """One request's updates; closing it, even before the first update, tells the worker nobody listens."""
 
     def __init__(self, job: _Job, tick_s: float | None = None):
         self._job, self._tick_s = job, tick_s
 
-    def __iter__(self) -> _Stream:
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> Update | None:
@@ -154,9 +162,9 @@ class _Stream:
             item = self._job.updates.get(timeout=self._tick_s)
         except queue.Empty:
             return None
-        if item is _DONE or isinstance(item, Exception):
+        if item is DONE or isinstance(item, Exception):
             self.close()
-            if item is _DONE:
+            if item is DONE:
                 raise StopIteration
             raise item
         return item

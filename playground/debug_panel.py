@@ -5,8 +5,8 @@ Everything is drawn from one stored run, so moving the slider or pasting ground 
     with gr.Blocks() as demo:
         ...
         panel = build_debug_panel()                  # inside the Blocks, where the accordion should appear
-        done = run_button.click(run_fn, inputs, [..., panel.run])   # run_fn also returns debug_run(...)
-        panel.follow(done)                            # draws the panel from the new run
+        done = run_button.click(run_fn, inputs, [..., panel.run, panel.note])   # debug_run(...) or None, and
+        panel.follow(done)                            # why it is None; draws the panel from the new run
 
     # in run_fn, after `*_, result = model.run([image], [prompt], return_scores=True)`:
     stored = debug_run(image, result.texts[0], result.scores[0], model.tokenizer, model.config.image_size,
@@ -50,10 +50,14 @@ from postprocess import (
 
 MAX_TRUTH_BYTES = 64 * 1024 * 1024  # a whole COCO val2017 annotation file is about 25 MB
 DIM = 0.4  # brightness left outside the highlighted object
+NO_RUN = "Run the model on an image: its answer's tokens, confidences and boxes are debugged here."
 TRUTH_HINT = (
     "Paste PaliGemma suffix text, COCO-style JSON boxes or one JSONL line of the fine-tuning format "
     "(or upload it) to compare."
 )
+PICTURE_HEIGHT = 360  # the panel's pictures side by side in frames of one height
+# Of TOKEN_COLUMNS, in pixels: all fit a 1400-pixel page; a phone scrolls the table sideways rather than squeeze it.
+COLUMN_WIDTHS = ["44px", "130px", "110px", "540px", "200px", "150px"]
 _GLUE = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}  # page only, no accelerator
 
 
@@ -141,6 +145,12 @@ class _Scores:
     top_logprobs: np.ndarray
 
 
+def tag(label: str, score: float) -> str:
+    """An object's tag, e.g. "cat 0.871": three places, since the demo model's scores sit close together near 0.1
+    and a tag must tell apart what the slider (steps of 0.001) does."""
+    return f"{label} {score:.3f}"
+
+
 def shown_objects(run: DebugRun, threshold: float) -> list[int]:
     """Indices of the objects whose confidence reaches the slider's threshold."""
     return [i for i, c in enumerate(run.confidences) if c["score"] >= threshold]
@@ -155,9 +165,9 @@ def boxes_picture(
     if run is None:
         return None
     shown = sorted(set(shown_objects(run, threshold)) | ({selected} if selected is not None else set()))
-    tags = [f"{run.labels[i]} {run.confidences[i]['score']:.2f}" for i in shown]
-    pieces = [dataclasses.replace(run.objects[i], label=tag, mask=None) for i, tag in zip(shown, tags)]
-    colors = {tag: run.colors[run.labels[i]] for i, tag in zip(shown, tags)}
+    tags = [tag(run.labels[i], run.confidences[i]["score"]) for i in shown]
+    pieces = [dataclasses.replace(run.objects[i], label=text, mask=None) for i, text in zip(shown, tags)]
+    colors = {text: run.colors[run.labels[i]] for i, text in zip(shown, tags)}
     picture = draw_annotations(run.image, pieces, colors)
     if bands and shown:
         picture = draw_edge_bands(
@@ -244,6 +254,7 @@ def update(
 @dataclasses.dataclass
 class DebugPanel:
     run: gr.State
+    note: gr.Markdown  # why the panel is empty (no run yet, or a run without token scores), else nothing
     selected: gr.State
     threshold: gr.Slider
     bands: gr.Checkbox
@@ -283,18 +294,29 @@ def build_debug_panel() -> DebugPanel:
     """Creates the panel's components and events inside the current gr.Blocks; returns them."""
     with gr.Accordion("Debug this answer", open=False, elem_id="debug-panel"):
         run, selected = gr.State(None), gr.State(None)
+        note = gr.Markdown(NO_RUN, elem_id="debug-note")
         with gr.Row():
             threshold = gr.Slider(
-                0.0, 1.0, value=0.0, step=0.01, label="Hide boxes below confidence", elem_id="debug-threshold"
+                0.0, 1.0, value=0.0, step=0.001, label="Hide boxes below confidence", elem_id="debug-threshold"
             )
             bands = gr.Checkbox(label="Show box-edge uncertainty", elem_id="debug-bands")
         with gr.Row():
             boxes = gr.Image(
-                label="Boxes with confidence", type="pil", format="png", interactive=False, elem_id="debug-boxes"
+                label="Boxes with confidence",
+                type="pil",
+                format="png",
+                interactive=False,
+                height=PICTURE_HEIGHT,
+                elem_id="debug-boxes",
             )
             with gr.Column():
                 eye = gr.Image(
-                    label="The model's eye", type="pil", format="png", interactive=False, elem_id="debug-eye"
+                    label="The model's eye",
+                    type="pil",
+                    format="png",
+                    interactive=False,
+                    height=PICTURE_HEIGHT,
+                    elem_id="debug-eye",
                 )
                 eye_note = gr.Markdown(elem_id="debug-eye-note")
         tokens = gr.Dataframe(
@@ -303,6 +325,7 @@ def build_debug_panel() -> DebugPanel:
             interactive=False,
             wrap=True,
             max_height=420,
+            column_widths=COLUMN_WIDTHS,
             elem_id="debug-tokens",
         )
         with gr.Row():
@@ -317,6 +340,7 @@ def build_debug_panel() -> DebugPanel:
                     label="Ground truth file (.json, .jsonl, .txt)",
                     type="filepath",
                     file_types=[".json", ".jsonl", ".txt"],
+                    height=120,
                     elem_id="debug-truth-file",
                 )
                 comparison_note = gr.Markdown(TRUTH_HINT, elem_id="debug-comparison-note")
@@ -325,10 +349,12 @@ def build_debug_panel() -> DebugPanel:
                 type="pil",
                 format="png",
                 interactive=False,
+                height=PICTURE_HEIGHT,
                 elem_id="debug-comparison",
             )
     panel = DebugPanel(
         run,
+        note,
         selected,
         threshold,
         bands,

@@ -106,10 +106,17 @@ def describe_requirements(found: paligemma.Requirements, free: int, remote: bool
 
 
 class ModelManager:
-    def __init__(self, registry: Registry, warmup_tokens: int | None = 64, memory: Callable[[], int] = available_bytes):
-        """warmup_tokens: the new-token budget whose compiled functions are built at load time (None: none)."""
+    def __init__(
+        self,
+        registry: Registry,
+        warmup_tokens: int | None = 64,
+        memory: Callable[[], int] = available_bytes,
+        warmup_scores: bool = False,
+    ):
+        """warmup_tokens: the new-token budget whose compiled functions are built at load time (None: none);
+        warmup_scores: whether those are the variant that records token scores (what the runs will ask for)."""
         self.registry = registry
-        self.warmup_tokens = warmup_tokens
+        self.warmup_tokens, self.warmup_scores = warmup_tokens, warmup_scores
         self._memory = memory
         self._lock = threading.Lock()  # guards the three dicts below
         self._ready: dict[str, ReadyModel] = {}
@@ -279,7 +286,7 @@ class ModelManager:
         masks = postprocess.MaskDecoder.load(model.mask_decoder_path) if model.mask_decoder_path else None
         if self.warmup_tokens is not None:
             step(0.7, "compiling (warm-up run)")
-            model.warmup(max_new_tokens=self.warmup_tokens)
+            model.warmup(max_new_tokens=self.warmup_tokens, return_scores=self.warmup_scores)
             if masks is not None:
                 masks([[0] * paligemma.SEG_TOKENS_PER_MASK])  # compiles the decoder for one mask, the common case
         return ReadyModel(entry, model, masks, load_s=0.0)

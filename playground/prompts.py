@@ -45,6 +45,19 @@ def task_named(name: str) -> Task:
     return _BY_NAME[name]
 
 
+def task_names(tasks) -> tuple[str, ...]:
+    """The task names of a model's list of tasks (by name or keyword, any case), in the page's order; a
+    ValueError names what is accepted."""
+    if isinstance(tasks, str) or not isinstance(tasks, list | tuple) or not tasks:
+        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+    by_word = {word.lower(): task.name for task in TASKS for word in (task.name, task.keyword)}
+    unknown = [t for t in tasks if not isinstance(t, str) or t.strip().lower() not in by_word]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; accepted: {', '.join(TASK_NAMES)}")
+    named = {by_word[t.strip().lower()] for t in tasks}
+    return tuple(name for name in TASK_NAMES if name in named)
+
+
 def compose(task_name: str, language: str = DEFAULT_LANGUAGE, argument: str = "") -> str:
     """The prompt for a task; a task that needs an argument and has none ends in a space, ready to type."""
     task = task_named(task_name)
@@ -79,10 +92,12 @@ class Example:
     prompt: str
     objects: tuple[dict, ...] = ()  # the truth of a synthetic scene: {"label", "box" [x1, y1, x2, y2]}
     models: tuple[str, ...] = ()  # the models known to answer it; () for any
+    not_for: tuple[str, ...] = ()  # models it is not offered with (the demo model has never seen a photo)
 
 
 def load_examples(folder: str) -> list[Example]:
-    """The gallery from `folder/examples.json` ({"examples": [{"task", "image", "prompt", "objects"}]})."""
+    """The gallery from `folder/examples.json` ({"examples": [{"task", "image", "prompt"[, "objects", "models",
+    "not_for"]}]})."""
     path = os.path.join(folder, "examples.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -94,6 +109,7 @@ def load_examples(folder: str) -> list[Example]:
                 row["prompt"],
                 tuple(row.get("objects", ())),
                 tuple(row.get("models", ())),
+                tuple(row.get("not_for", ())),
             )
             for row in rows
         ]
@@ -106,5 +122,6 @@ def load_examples(folder: str) -> list[Example]:
 
 
 def examples_for(model: str, examples: list[Example]) -> list[Example]:
-    """The examples to offer with `model`: those that name it in their "models" list, or name no model."""
-    return [ex for ex in examples if not ex.models or model in ex.models]
+    """The examples to offer with `model`: those that name it in their "models" list, or name no model, unless
+    their "not_for" list names it."""
+    return [ex for ex in examples if (not ex.models or model in ex.models) and model not in ex.not_for]

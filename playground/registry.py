@@ -13,6 +13,8 @@ Registry file, JSON or YAML:
 
 `tokenizer` and `mask_decoder` are optional: without them both are looked up beside the weights, in the cache,
 then where they are published (see paligemma/companions.py). Relative local paths are read relative to the file.
+`tasks` (optional, e.g. ["caption", "detect"]) lists the tasks the page offers with the model, for a fine-tuned
+checkpoint that knows only some; without it, all of them (the published checkpoints were taught every one).
 
 Environment variable (comma-separated, `name=source` or a bare source named after itself):
 
@@ -28,10 +30,12 @@ import os
 import yaml
 
 import paligemma
+from playground import prompts
 
 ENV_VAR = "PALIGEMMA_MODELS"
 DEMO_NAME = "demo"
 DEMO_NOTES = "Embedded demo: synthetic shapes (circle, square, triangle in red, green, blue, yellow); works offline."
+DEMO_TASKS = ("caption", "answer", "detect", "segment")  # what scenes/ taught it: no describe, OCR or question
 
 
 class RegistryError(ValueError):
@@ -46,6 +50,7 @@ class ModelEntry:
     dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU
     tokenizer: str | None = None  # absolute path; None: found beside the weights, cached or published
     mask_decoder: str | None = None  # absolute path of a vae-oid.npz; None: likewise
+    tasks: tuple[str, ...] = prompts.TASK_NAMES  # the task names the page offers with this model
 
     @property
     def on_hub(self) -> bool:
@@ -77,7 +82,7 @@ class Registry:
         return [item.source for item in self.entries.values() if not item.remote] + files
 
 
-FIELDS = ("name", "source", "notes", "dtype", "tokenizer", "mask_decoder")
+FIELDS = ("name", "source", "notes", "dtype", "tokenizer", "mask_decoder", "tasks")
 
 
 def entry(
@@ -88,6 +93,7 @@ def entry(
     base: str = ".",
     tokenizer: str | None = None,
     mask_decoder: str | None = None,
+    tasks=None,
 ) -> ModelEntry:
     """A checked entry; `source` is a Hub repo id or a kaggle: handle unless it names a path (relative ones, and
     the companion paths, are joined to `base`)."""
@@ -110,11 +116,15 @@ def entry(
         if path is not None and (not isinstance(path, str) or not path.strip()):
             raise RegistryError(f"model {name!r}: {field} must be the path of a file, got {path!r}")
         companions.append(os.path.abspath(os.path.join(base, os.path.expanduser(path.strip()))) if path else None)
-    return ModelEntry(name.strip(), source, str(notes or ""), dtype, *companions)
+    try:
+        offered = prompts.TASK_NAMES if tasks is None else prompts.task_names(tasks)
+    except ValueError as err:
+        raise RegistryError(f"model {name!r}: {err}") from None
+    return ModelEntry(name.strip(), source, str(notes or ""), dtype, *companions, offered)
 
 
 def demo_entry(folder: str) -> ModelEntry:
-    return ModelEntry(DEMO_NAME, os.path.abspath(folder), DEMO_NOTES)
+    return ModelEntry(DEMO_NAME, os.path.abspath(folder), DEMO_NOTES, tasks=DEMO_TASKS)
 
 
 def read_file(path: str) -> tuple[list[ModelEntry], str | None]:
@@ -140,6 +150,7 @@ def read_file(path: str) -> tuple[list[ModelEntry], str | None]:
             base,
             m.get("tokenizer"),
             m.get("mask_decoder"),
+            m.get("tasks"),
         )
         for m in models
     ]

@@ -8,6 +8,12 @@ cut by the token limit are said in words (`notice`).
 
 Exported data (the JSON) keeps the model's labels; what a person looks at (highlighted text, the annotated
 image, the PNG) names each object distinctly (`postprocess.display_labels`).
+
+Every run records its token scores (SCORED): each object gets its confidence in the detections JSON ("score",
+"confidence") and on the page's box tags, and the page's debug panel (playground/debug_panel.py) gets the run.
+On the demo model scoring costs about nothing: 3.58 against 3.71 ms/token for one row and 6.08 against 5.83
+for four (within the noise), so scored and unscored runs need not be told apart, and one compiled variant
+serves the page, the API and the warm-up alike.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from collections.abc import Iterator
 
 import gradio as gr
+import jax
 from gradio.utils import get_upload_folder, is_in_or_equal
 from PIL import Image, UnidentifiedImageError
 
@@ -36,6 +43,8 @@ import paligemma
 import postprocess
 from playground import prompts
 from playground.batching import Batcher
+from playground.continuous import Scheduler
+from playground.debug_panel import DebugRun, debug_run, tag
 from playground.manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,9 @@ STREAM_EVERY_TOKENS = 8
 COMPILE_NOTICE_S = 2.0  # a run without its first tokens after this long is compiling for a new shape (or queued)
 SEED = 0  # by default sampled decodings are reproducible: the same request gives the same answer
 RANDOM_SEED = "random"  # the seed field's word for "a new seed each run"
+SCORED = True  # every run asks for token scores (see the module's docstring for what they cost)
+NO_SCORES = "This run recorded no token scores, so there is nothing to debug."
+SCHEDULERS = ("auto", "batch", "continuous")
 WARM_PROMPT_TOKENS = tuple(b for b in paligemma.PROMPT_BUCKETS if b <= 64)  # each compiled ahead of the first visitor
 _ARRIVED = "playground_arrived"
 PROGRESS = gr.Progress()  # as a default it marks the handler's progress argument; Gradio passes the event's own
@@ -220,22 +232,57 @@ class Outcome:
     display: Image.Image | None = None
     more_tokens: int | None = None  # the larger token limit to offer, when the answer was cut
     hidden: frozenset = frozenset()  # display labels whose overlay the visitor switched off in the legend
+    confidences: list[dict] | None = None  # per object, ObjectConfidence.as_dict(); None for an unscored run
+    min_score: float = 0.0  # the page leaves out objects whose confidence is below this
+    debug: DebugRun | None = None  # what the debug panel draws, once done
+    debug_note: str = ""  # why `debug` is None
 
     @property
     def highlighted(self) -> list[tuple[str, str | None]]:
         return readable(self.pieces)
+
+    def shown_objects(self) -> list[tuple[postprocess.Object, dict | None]]:
+        """The objects the page's annotated image shows (confidence at least min_score), with their confidence."""
+        found = postprocess.objects(self.pieces)
+        scored = self.confidences or [None] * len(found)
+        return [(obj, c) for obj, c in zip(found, scored) if c is None or c["score"] >= self.min_score]
+
+    def page_annotated(self) -> tuple[tuple, dict[str, str]]:
+        """The page's annotated image and its colour map: each tag with its object's confidence ("cat 0.871"),
+        the objects below min_score left out (legend entry and all), the hidden ones drawn empty."""
+        shown = self.shown_objects()
+        tagged = [
+            dataclasses.replace(obj, label=obj.label if c is None else tag(obj.label, c["score"])) for obj, c in shown
+        ]
+        colors = {t.label: self.colors[obj.label] for t, (obj, _) in zip(tagged, shown)}
+        hidden = {t.label for t, (obj, _) in zip(tagged, shown) if obj.label in self.hidden}
+        value, _ = postprocess.annotated_image_value(self.display, tagged, colors, hidden)
+        return value, colors
 
     def plain(self) -> tuple:
         """The API's outputs: highlighted text, annotated image, raw text, JSON file, PNG file, timing."""
         return self.highlighted, self.annotated, self.text, self.detections, self.drawn, self.timing
 
 
+def make_scheduler(kind: str = "auto") -> Batcher | Scheduler:
+    """What concurrent runs share the model through: `continuous` batching (requests join and leave a running
+    decode) or `batch` (requests with the same settings that arrive together share one generate call). `auto`:
+    continuous on accelerators, where a decode step of 16 rows costs little more than one; batch on CPU, where
+    8 rows cost about 2.3× one and continuous batching measured 0.8× batch's throughput on the demo model
+    (bench/continuous.py; 1.23× on the mid model, with a 5× shorter p95 time to first token)."""
+    if kind not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")
+    if kind == "auto":
+        kind = "batch" if jax.default_backend() == "cpu" else "continuous"
+    return (Scheduler if kind == "continuous" else Batcher)(seed=SEED, chunk=STREAM_EVERY_TOKENS)
+
+
 class Playground:
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, scheduler: str = "auto"):
         self.manager = manager
         self._downloads = tempfile.TemporaryDirectory(prefix="playground-downloads-")  # removed at exit
         self._download_numbers = itertools.count(1)
-        self.batcher = Batcher(seed=SEED, chunk=STREAM_EVERY_TOKENS)  # concurrent runs share generate calls
+        self.scheduler = make_scheduler(scheduler)
         self._cache: dict[tuple[str, str, str], Outcome] = {}  # (model, image, prompt) → final outcome
         self._preparing: dict[str, threading.Event] = {}  # model → set once `prepare` is done with it
 
@@ -261,6 +308,8 @@ class Playground:
         """Compiles `model` for one request at a time, every prompt length up to 64 tokens and the default token
         limit, through the path a run takes (batcher, streaming chunks), so no common request waits for XLA."""
         ready = self.manager.get(model)
+        if isinstance(self.scheduler, Scheduler):  # its slot engines: every row count a busy moment would compile
+            self.scheduler.warmup(ready.model, scores=SCORED)
         blank = Image.new("RGB", (ready.model.config.image_size,) * 2)
         for tokens in WARM_PROMPT_TOKENS:
             prompt = _prompt_of_length(ready.model.tokenizer, tokens)
@@ -346,10 +395,12 @@ class Playground:
         seed,
         arrived: float | None = None,
         progress=None,
+        image_name: str | None = None,
     ) -> Iterator[Outcome]:
-        """The steps of one run (text so far, then the final result); picture_of() gives the image. Raises
-        ValueError for a request that cannot run. Runs in flight at the same time with the same model and
-        decoding share one generate call (see playground/batching.py); closing this cancels the run."""
+        """The steps of one run (text so far, then the final result); picture_of() gives the image (image_name:
+        its file's name, for the debug panel to pick its ground truth from a data set's file). Raises
+        ValueError for a request that cannot run. Runs in flight at the same time share the model through the
+        scheduler (make_scheduler); closing this cancels the run."""
         started = time.monotonic()
         picture = picture_of()
         prompt = _checked_prompt(prompt)
@@ -371,11 +422,12 @@ class Playground:
             timing["seed"] = seed
         display = picture.copy()
         display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        text, tokens = "", 0
+        text, tokens, scores = "", 0, None
         yield Outcome([], text, timing, display=display)
         submitted = time.monotonic()
+        submit = self.scheduler.submit
         with contextlib.closing(
-            self.batcher.submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=1.0)
+            submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=1.0, return_scores=SCORED)
         ) as updates:
             for update in updates:
                 if update is None:
@@ -389,11 +441,12 @@ class Playground:
                             notice=(f"Preparing the model for this prompt length (first time only) · {waited:.0f} s"),
                         )
                     continue
-                text, tokens = update.text, update.tokens
+                text, tokens, scores = update.text, update.tokens, update.scores
                 timing.update(update.timing)
                 yield Outcome(postprocess.display_labels(_pieces(text, display, None)), text, timing, display=display)
         finished = time.monotonic()
-        outcome = self._annotations(text, picture, display, ready.masks)
+        outcome = self._annotations(text, picture, display, ready.masks, scores, ready.model.tokenizer)
+        outcome.debug, outcome.debug_note = _debug_run(outcome, scores, ready.model, image_name)
         timing["postprocess_s"] = round(time.monotonic() - finished, 4)
         outcome.text, outcome.timing = text, timing
         said, outcome.more_tokens = notice(prompt, outcome.pieces, tokens, max_new, done=True)
@@ -413,8 +466,17 @@ class Playground:
     ) -> Iterator[tuple]:
         """`run` for the page (outputs: PAGE_OUTPUTS): each label in its colour, the notice and any error in the
         status line beside Run, and on an error the previous result left as it was."""
+        name = (image.get("orig_name") or image.get("path")) if isinstance(image, dict) else None
         yield from self._page_steps(
-            lambda: read_upload(image), prompt, model, decoding, max_new_tokens, seed, arrival_time(request), progress
+            lambda: read_upload(image),
+            prompt,
+            model,
+            decoding,
+            max_new_tokens,
+            seed,
+            arrival_time(request),
+            progress,
+            name,
         )
 
     def run_example(
@@ -432,7 +494,15 @@ class Playground:
             yield _page_values(cached, "Done (computed ahead for this example).")
             return
         yield from self._page_steps(
-            lambda: _open_example(example.image), example.prompt, model, decoding, max_new_tokens, seed, None, progress
+            lambda: _open_example(example.image),
+            example.prompt,
+            model,
+            decoding,
+            max_new_tokens,
+            seed,
+            None,
+            progress,
+            example.image,
         )
 
     def precompute(self, model: str, examples: list[prompts.Example]) -> None:
@@ -446,16 +516,17 @@ class Playground:
                     DECODINGS[0],
                     DEFAULT_MAX_NEW_TOKENS,
                     SEED,
+                    image_name=example.image,
                 )
             except ValueError as err:
                 log.warning("example %r on %r: %s", example.prompt, model, err)
                 continue
             self._cache[(model, example.image, example.prompt)] = last
 
-    def _page_steps(self, picture_of, prompt, model, decoding, max_new_tokens, seed, arrived, progress):
+    def _page_steps(self, picture_of, prompt, model, decoding, max_new_tokens, seed, arrived, progress, image_name):
         try:
             with contextlib.closing(
-                self.outcomes(picture_of, prompt, model, decoding, max_new_tokens, seed, arrived, progress)
+                self.outcomes(picture_of, prompt, model, decoding, max_new_tokens, seed, arrived, progress, image_name)
             ) as steps:
                 for step in steps:
                     yield _page_values(step, "Running…" if step.annotated is None and not step.notice else "")
@@ -465,22 +536,29 @@ class Playground:
             log.exception("run failed (model %r, prompt %r)", model, prompt)
             yield _page_error(failure_message(err))
 
-    def _annotations(self, text: str, picture: Image.Image, display: Image.Image, masks) -> Outcome:
+    def _annotations(
+        self, text: str, picture: Image.Image, display: Image.Image, masks, scores=None, tokenizer=None
+    ) -> Outcome:
         """The final outcome's pictures: the annotated image's value (display size), and the detections JSON and
-        the annotated PNG at full size (files, or None when nothing was found)."""
+        the annotated PNG at full size (files, or None when nothing was found). Given the run's token scores
+        (and the tokenizer that reads them), each object's confidence too, in the outcome and in the JSON."""
+        confidences, unscored = _confidences(text, picture, scores, tokenizer)
         shown = postprocess.display_labels(_pieces(text, display, masks))
         full = shown if display.size == picture.size else postprocess.display_labels(_pieces(text, picture, masks))
         said = ""
         if masks is None and any(obj.seg_codes for obj in postprocess.objects(shown)):
             said = "This model has no mask decoder (vae-oid.npz) beside its weights: boxes are drawn, masks not."
         annotated, colors = postprocess.annotated_image_value(display, shown)
-        outcome = Outcome(shown, text, {}, said, annotated, colors, display=display)
+        scored = None if confidences is None else [c.as_dict() for c in confidences]
+        outcome = Outcome(
+            shown, text, {}, said, annotated, colors, display=display, confidences=scored, debug_note=unscored
+        )
         if not postprocess.objects(full):
             return outcome
         number = next(self._download_numbers)
         outcome.detections = os.path.join(self._downloads.name, f"detections-{number}.json")
         with open(outcome.detections, "w", encoding="utf-8") as f:
-            json.dump(postprocess.to_json(_pieces(text, picture, masks), *picture.size), f)
+            json.dump(postprocess.to_json(_pieces(text, picture, masks), *picture.size, confidences), f)
         outcome.drawn = os.path.join(self._downloads.name, f"annotated-{number}.png")
         postprocess.draw_annotations(picture, full, colors).save(outcome.drawn)
         return outcome
@@ -509,6 +587,36 @@ def failure_message(err: Exception) -> str:
     )
 
 
+def _confidences(text: str, picture: Image.Image, scores, tokenizer) -> tuple[list | None, str]:
+    """(each object's postprocess.ObjectConfidence, or None with the reason there are none)."""
+    if scores is None or tokenizer is None:
+        return None, NO_SCORES
+    try:
+        return postprocess.object_confidences(postprocess.parse(text, *picture.size), scores, tokenizer), ""
+    except ValueError as err:
+        log.warning("no confidences for %r: %s", text, err)
+        return None, f"No confidences for this answer: {err}."
+
+
+def _debug_run(outcome: Outcome, scores, model: paligemma.Model, image_name: str | None):
+    """(the debug panel's run of this outcome, or None with the reason there is none)."""
+    if outcome.confidences is None:
+        return None, outcome.debug_note
+    config = model.config
+    run = debug_run(
+        outcome.display,
+        outcome.text,
+        scores,
+        model.tokenizer,
+        config.image_size,
+        config.vision.patch_size,
+        confidences=outcome.confidences,
+        image_name=image_name,
+        colors=outcome.colors,
+    )
+    return run, ""
+
+
 def _pieces(text: str, image: Image.Image, masks) -> list:
     """The output's pieces at the size of `image`, with the model's labels and, given a decoder, masks."""
     pieces = postprocess.parse(text, *image.size)
@@ -526,9 +634,10 @@ PAGE_OUTPUTS = 11  # status, highlighted, annotated, raw, detections, drawn, tim
 
 def _page_values(step: Outcome, status: str) -> tuple:
     highlighted = gr.HighlightedText(step.highlighted, color_map=step.colors)
-    annotated = (
-        None if step.annotated is None else gr.AnnotatedImage(step.annotated, color_map=step.colors, visible=True)
-    )
+    annotated = None
+    if step.annotated is not None:
+        value, colors = step.page_annotated() if step.confidences is not None else (step.annotated, step.colors)
+        annotated = gr.AnnotatedImage(value, color_map=colors, visible=True)
     said = " ".join(filter(None, (step.notice, status)))
     again = gr.Button(f"Run again with {step.more_tokens} tokens", visible=step.more_tokens is not None)
     detections = gr.update(value=step.detections, visible=step.detections is not None)  # no empty download panels
@@ -552,9 +661,19 @@ def toggle_overlay(shown: Outcome | None, evt: gr.SelectData) -> tuple:
     """A click on a legend entry: hides that object's overlay, or shows it again (its entry stays)."""
     if shown is None or shown.annotated is None:
         return gr.skip(), gr.skip()
-    label = shown.annotated[1][evt.index][1]
+    label = shown.shown_objects()[evt.index][0].label
     shown = dataclasses.replace(shown, hidden=shown.hidden ^ {label})
-    value, colors = postprocess.annotated_image_value(shown.display, shown.pieces, shown.colors, shown.hidden)
+    value, colors = shown.page_annotated()
+    return gr.AnnotatedImage(value, color_map=colors), shown
+
+
+def filter_by_confidence(shown: Outcome | None, threshold: float) -> tuple:
+    """The debug panel's confidence slider: the annotated image without the objects scored below `threshold`
+    (redrawn from the stored outcome; the model does not run again)."""
+    if shown is None or shown.annotated is None or shown.confidences is None or threshold == shown.min_score:
+        return gr.skip(), gr.skip()
+    shown = dataclasses.replace(shown, min_score=threshold)
+    value, colors = shown.page_annotated()
     return gr.AnnotatedImage(value, color_map=colors), shown
 
 

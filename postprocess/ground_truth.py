@@ -188,14 +188,24 @@ def _draw_tag(pen: ImageDraw.ImageDraw, box, text: str, color: str, font, size: 
 
 
 def _with_legend(picture: Image.Image, font, stroke: int) -> Image.Image:
+    """The picture over a legend of the three styles, its entries wrapped onto as many rows as its width needs
+    (a 224-pixel picture holds two to a row)."""
     entries = (("match", "match (IoU)"), ("miss", "missed true box"), ("false", "false box"))
     row = font.size + 4 * stroke + 6
-    out = Image.new("RGB", (picture.width, picture.height + row), "white")
+    swatch = (2 * font.size, row - 6)
+    probe = ImageDraw.Draw(picture)
+    widths = [swatch[0] + 4 + round(probe.textlength(name, font=font)) for _, name in entries]
+    places, x, line = [], 4, 0  # each entry's (x, row number)
+    for width in widths:
+        if x > 4 and x + width > picture.width - 4:
+            x, line = 4, line + 1
+        places.append((x, line))
+        x += width + 3 * font.size // 2
+    out = Image.new("RGB", (picture.width, picture.height + row * (line + 1)), "white")
     out.paste(picture, (0, 0))
     pen = ImageDraw.Draw(out)
-    x, top = 4, picture.height + 3
-    swatch = (2 * font.size, row - 6)
-    for style, name in entries:
+    for (style, name), (x, line) in zip(entries, places):
+        top = picture.height + 3 + line * row
         box = (x, top, x + swatch[0], top + swatch[1])
         if style == "miss":
             _dashed_rectangle(pen, box, STYLES[style], stroke, dash=max(3, swatch[0] // 4))
@@ -204,7 +214,6 @@ def _with_legend(picture: Image.Image, font, stroke: int) -> Image.Image:
                 pen.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=_blend_on_white(STYLES[style]))
             _rectangle(pen, box, STYLES[style], stroke)
         pen.text((box[2] + 4, top + swatch[1] / 2), name, fill="black", font=font, anchor="lm")
-        x = box[2] + 4 + round(pen.textlength(name, font=font)) + 3 * font.size // 2
     return out
 
 

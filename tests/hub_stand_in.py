@@ -199,13 +199,30 @@ def _handler(hub: HubStandIn):
     return Handler
 
 
-@pytest.fixture(scope="module", name="hf_repo_files")
-def hf_repo_files_fixture(tmp_path_factory, tiny_model_dir):
-    """A tiny Hugging Face-format PaliGemma (config.json + safetensors + tokenizer.model), without vae-oid.npz."""
+def publish_mask_decoder(server: HubStandIn, decoder_bytes: bytes) -> None:
+    """The mask decoder where it is published: vae-oid.npz in the big-vision/paligemma Space."""
+    from paligemma import companions
+
+    server.add_repo(companions.SPACE, {"vae-oid.npz": decoder_bytes, "app.py": b""}, repo_type="space")
+
+
+def _as_hf_files(model_dir, folder) -> dict[str, bytes]:
+    """The .npz model in `model_dir` exported to a Hugging Face-format repo: {file name: bytes}."""
     from paligemma.checkpoint import load_params
     from paligemma.hf_export import export
 
-    params, cfg = load_params(str(tiny_model_dir / "model.npz"))
-    folder = tmp_path_factory.mktemp("hf_tiny")
-    export(params, cfg, folder, tokenizer_path=str(tiny_model_dir / "tokenizer.model"))
+    params, cfg = load_params(str(model_dir / "model.npz"))
+    export(params, cfg, folder, tokenizer_path=str(model_dir / "tokenizer.model"))
     return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+
+@pytest.fixture(scope="module", name="hf_repo_files")
+def hf_repo_files_fixture(tmp_path_factory, tiny_model_dir):
+    """A tiny Hugging Face-format PaliGemma (config.json + safetensors + tokenizer.model), without vae-oid.npz."""
+    return _as_hf_files(tiny_model_dir, tmp_path_factory.mktemp("hf_tiny"))
+
+
+@pytest.fixture(scope="module", name="taught_hf_files")
+def taught_hf_files_fixture(tmp_path_factory, taught_model_dir):
+    """The taught model (it answers 'segment red circle' with seg tokens) as a Hugging Face repo, no vae-oid.npz."""
+    return _as_hf_files(taught_model_dir, tmp_path_factory.mktemp("taught_hf"))

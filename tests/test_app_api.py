@@ -6,12 +6,17 @@ app_fixtures), so every assertion checks real outputs. Then the registry, the pr
 
 import json
 import logging
+import os
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import numpy as np
 import pytest
 from app_fixtures import (
     BROKEN,
+    DEMO_DIR,
     EXAMPLES_DIR,
     TAUGHT,
     UNREACHABLE,
@@ -29,8 +34,11 @@ from PIL import Image
 import app
 import paligemma
 import postprocess
+from paligemma import TokenScores
 from playground import prompts, registry
+from playground.debug_panel import NO_RUN
 from playground.manager import ModelManager, ModelUnavailable
+from playground.requests import NO_SCORES, Playground, _debug_run, filter_by_confidence, toggle_overlay
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +96,7 @@ def test_detection_gives_the_box_in_text_picture_and_json(client):
     assert (exported["width"], exported["height"]) == (224, 224)
     [obj] = exported["objects"]
     assert obj["label"] == "red circle" and obj["mask"] is False and tuple(obj["box"]) == expected.box
+    assert 0 < obj["score"] <= 1 and obj["confidence"]["score"] == round(obj["score"], 4)  # every run is scored
     truth = next(o["box"] for o in detect_example().objects if o["label"] == "red circle")
     assert np.abs(np.subtract(obj["box"], truth)).max() <= 1  # a bin of 1024 is under a pixel here
 
@@ -329,6 +338,8 @@ def test_registry_reads_json_yaml_and_the_environment(tmp_path):
         ({"models": [{"name": "a"}]}, "needs a source"),
         ({"models": [{"name": "a", "source": "x/y", "dtype": "int4"}]}, "unknown dtype"),
         ({"default": "zzz", "models": []}, "default model 'zzz'"),
+        ({"models": [{"name": "a", "source": "x/y", "tasks": ["caption", "dance"]}]}, "'a': unknown tasks .*dance"),
+        ({"models": [{"name": "a", "source": "x/y", "tasks": "detect"}]}, "'a': tasks must be a non-empty list"),
         ({"model": []}, "expected"),
     ],
 )
@@ -336,6 +347,88 @@ def test_registry_errors_say_what_is_wrong(tmp_path, content, message):
     (tmp_path / "r.json").write_text(json.dumps(content))
     with pytest.raises(registry.RegistryError, match=message):
         registry.build(str(tmp_path / "demo"), str(tmp_path / "r.json"))
+
+
+def test_each_model_offers_the_tasks_it_knows(tmp_path):
+    (tmp_path / "r.json").write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "tuned", "source": "x/y", "tasks": ["Detect", "ocr", "caption"]},
+                    {"name": "mix", "source": "x/z"},
+                ]
+            }
+        )
+    )
+    models = registry.build(str(tmp_path / "demo"), str(tmp_path / "r.json"))
+    assert models.get("demo").tasks == ("caption", "answer", "detect", "segment")  # never taught the others
+    assert models.get("tuned").tasks == ("caption", "OCR", "detect")  # by name or keyword, in the page's order
+    assert models.get("mix").tasks == prompts.TASK_NAMES  # a published checkpoint: every task
+
+    kept, prompt, language = app._tasks_for(models, "demo", "detect", "en", "detect cat")
+    assert kept.choices == [(t, t) for t in registry.DEMO_TASKS] and prompt == language == gr.skip()
+    switched, prompt, language = app._tasks_for(models, "demo", "OCR", "en", "ocr")
+    assert switched.value == "caption" and prompt == "caption en" and language.visible
+    assert app._task_of_prompt("describe en", models.get("demo").tasks) == (gr.skip(), gr.skip())  # no such chip
+    assert app._task_of_prompt("describe en", models.get("mix").tasks)[0] == "describe"
+
+
+@pytest.fixture
+def playground():
+    return Playground(manager=None)  # its downloads folder lives as long as it does
+
+
+def _scored_outcome(playground):
+    """Two boxes from a hand-made run: a sure cat (each token 0.9, score 0.81) and an unsure dog (0.3, 0.09)."""
+    tokenizer = paligemma.Tokenizer(os.path.join(DEMO_DIR, "tokenizer.model"))
+    text = "<loc0100><loc0100><loc0400><loc0400> cat ; <loc0500><loc0500><loc0900><loc0900> dog"
+    ids = tokenizer.encode(text)
+    cut = ids.index(tokenizer.loc_ids[500])
+    probs = np.array([0.9] * cut + [0.3] * (len(ids) - cut))
+    scores = TokenScores(ids, np.log(probs), np.asarray(ids)[:, None], np.log(probs)[:, None])
+    picture = Image.new("RGB", (200, 100), (90, 90, 90))
+    return playground._annotations(text, picture, picture, None, scores, tokenizer), scores
+
+
+def test_a_scored_run_tags_each_box_with_its_confidence_and_the_slider_hides_the_unsure_one(playground):
+    outcome, _ = _scored_outcome(playground)
+    assert [round(c["score"], 2) for c in outcome.confidences] == [0.81, 0.09]
+    with open(outcome.detections) as f:
+        assert [round(o["score"], 2) for o in json.load(f)["objects"]] == [0.81, 0.09]
+    (_, layers), colors = outcome.page_annotated()
+    assert [label for _, label in layers] == ["cat 0.810", "dog 0.090"] and set(colors) == {"cat 0.810", "dog 0.090"}
+    assert [label for _, label in outcome.annotated[1]] == ["cat", "dog"]  # the API's labels stay the model's
+
+    hidden, stored = filter_by_confidence(outcome, 0.5)
+    assert [a["label"] for a in hidden.value["annotations"]] == ["cat 0.810"] and stored.min_score == 0.5
+    assert outcome.min_score == 0.0  # the stored outcome (e.g. an example's, computed ahead) is not changed
+    click = gr.SelectData(None, {"index": 0, "value": "cat 0.810"})
+    toggled, off = toggle_overlay(stored, click)
+    [cat] = toggled.value["annotations"]
+    assert off.hidden == {"cat"} and cat["label"] == "cat 0.810" and not _opaque_region(cat["image"]["path"])[0].any()
+    assert filter_by_confidence(stored, 0.5) == (gr.skip(), gr.skip())  # nothing moved: nothing redrawn
+    assert filter_by_confidence(None, 0.5) == (gr.skip(), gr.skip())
+
+
+def test_the_debug_panel_gets_the_run_or_says_why_it_has_none(playground):
+    outcome, scores = _scored_outcome(playground)
+
+    demo = SimpleNamespace(  # what _debug_run reads of a paligemma.Model
+        tokenizer=paligemma.Tokenizer(os.path.join(DEMO_DIR, "tokenizer.model")),
+        config=SimpleNamespace(image_size=224, vision=SimpleNamespace(patch_size=14)),
+    )
+    run, note = _debug_run(outcome, scores, demo, "/uploads/pets.png")
+    assert note == "" and run.labels == ["cat", "dog"] and run.image_name == "pets.png"
+    assert run.colors == outcome.colors and [c["score"] for c in run.confidences] == [
+        c["score"] for c in outcome.confidences
+    ]
+
+    unscored = playground._annotations(outcome.text, outcome.display, outcome.display, None)
+    assert unscored.confidences is None and _debug_run(unscored, None, demo, None) == (None, NO_SCORES)
+    assert app._debug_of(unscored) == (None, NO_SCORES) and app._debug_of(None) == (None, NO_RUN)
+    broken = playground._annotations("not the scored text", outcome.display, outcome.display, None,
+                                                     scores, demo.tokenizer)  # fmt: skip
+    assert broken.confidences is None and broken.debug_note.startswith("No confidences for this answer: ")
 
 
 @pytest.mark.slow
@@ -363,3 +456,16 @@ def test_manager_unloads_the_least_recently_used_model_when_memory_is_short(taug
     with pytest.raises(ModelUnavailable, match="demo: .*no-demo"):
         manager.get("demo")
     assert manager.status("demo").startswith("⚠️ Cannot load") and manager.loaded == ["second"]
+
+
+def test_photos_are_offered_with_real_checkpoints_and_every_example_image_has_its_source():
+    examples = prompts.load_examples(EXAMPLES_DIR)
+    photos = {ex.image for ex in examples if ex.image.endswith(".jpg")}
+    assert photos and all(registry.DEMO_NAME in ex.not_for for ex in examples if ex.image in photos)
+    demo = {ex.image for ex in prompts.examples_for(registry.DEMO_NAME, examples)}
+    assert demo and not demo & photos  # the demo model never saw a photo
+    assert photos <= {ex.image for ex in prompts.examples_for("google/paligemma2-3b-mix-224", examples)}
+    credits = (Path(EXAMPLES_DIR) / "CREDITS.md").read_text()
+    files = {name for name in os.listdir(EXAMPLES_DIR) if name.endswith((".png", ".jpg"))}
+    assert files == {os.path.basename(ex.image) for ex in examples}  # no image the gallery does not show
+    assert all(f"`{name}`" in credits for name in files)  # each with where it comes from

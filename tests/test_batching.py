@@ -7,6 +7,7 @@ gradio_client clients at once through the app over the taught model of app_fixtu
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from app_fixtures import (
     EXAMPLES_DIR,
@@ -20,6 +21,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import paligemma
+from paligemma import TokenScores
 from paligemma.generate import Timing
 from playground import prompts
 from playground.batching import Batcher
@@ -78,7 +80,8 @@ def test_a_request_the_model_refuses_fails_alone(tiny_model):
 
 class RecordingModel:
     """A stand-in for paligemma.Model: answers each prompt with itself + '!', records every run's
-    (prompts, max_new_tokens, sampler), and can hold its first run open or fail."""
+    (prompts, max_new_tokens, sampler, return_scores), and can hold its first run open or fail; asked for scores,
+    each row's log-probability is minus its row number."""
 
     def __init__(self, fail_after_first: bool = False):
         self.runs = []
@@ -89,11 +92,13 @@ class RecordingModel:
     def encode_prompt(self, prompt):
         return [1, 2]
 
-    def run(self, images, prompts, max_new_tokens, sampler, seed, chunk=None):
-        self.runs.append((list(prompts), max_new_tokens, str(sampler)))
+    def run(self, images, prompts, max_new_tokens, sampler, seed, chunk=None, return_scores=False):
+        self.runs.append((list(prompts), max_new_tokens, str(sampler), return_scores))
         self.first_started.set()
         self.release.wait()
-        yield paligemma.Result([p + "!" for p in prompts], [[1]] * len(prompts), Timing(new_tokens=1))
+        scores = [TokenScores([1], np.array([-row]), np.ones((1, 1)), np.zeros((1, 1))) for row in range(len(prompts))]
+        texts = [p + "!" for p in prompts]
+        yield paligemma.Result(texts, [[1]] * len(prompts), Timing(new_tokens=1), scores if return_scores else None)
         if self.fail_after_first:
             raise ValueError("the cache is full")
 
@@ -117,7 +122,7 @@ def test_the_cap_holds_and_only_requests_with_the_same_settings_share_a_batch():
     model.release.set()
 
     assert [_final_text(s) for s in streams] == [p + "!" for p in "abcdefgh"]
-    assert [(run_prompts, n) for run_prompts, n, _ in model.runs] == [
+    assert [(run_prompts, n) for run_prompts, n, *_ in model.runs] == [
         (["a"], 16),
         (["b", "d"], 16),
         (["c"], 32),
@@ -126,6 +131,26 @@ def test_the_cap_holds_and_only_requests_with_the_same_settings_share_a_batch():
         (["h"], 16),
     ]
     assert model.runs[-1][2] == "temperature(0.5)"  # sampled requests run alone, so they stay reproducible
+
+
+def test_requests_with_scores_share_batches_only_with_each_other_and_get_their_rows_scores():
+    model = RecordingModel()
+    model.release.clear()
+    batcher = Batcher(max_batch=4, gather_s=0)
+    first = batcher.submit(model, None, "a", 16)
+    model.first_started.wait()  # the rest arrive while "a" holds the model
+    streams = [batcher.submit(model, None, p, 16, return_scores=p in "ce") for p in "bcde"]
+    model.release.set()
+
+    updates = [list(s)[-1] for s in [first, *streams]]
+    assert [u.text for u in updates] == ["a!", "b!", "c!", "d!", "e!"]
+    assert [(run_prompts, scored) for run_prompts, _, _, scored in model.runs] == [
+        (["a"], False),
+        (["b", "d"], False),
+        (["c", "e"], True),
+    ]
+    assert [u.scores for u in updates[:2]] == [None, None] and updates[3].scores is None
+    assert [float(u.scores.logprobs[0]) for u in (updates[2], updates[4])] == [0.0, -1.0]  # each its own row's
 
 
 def test_a_failing_run_reports_the_error_to_every_member_and_the_next_batch_runs():

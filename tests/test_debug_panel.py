@@ -17,6 +17,7 @@ from PIL import Image, ImageColor, ImageDraw
 import paligemma
 from paligemma import TokenScores
 from playground.debug_panel import (
+    NO_RUN,
     TRUTH_HINT,
     DebugPanel,
     boxes_picture,
@@ -197,6 +198,7 @@ def test_the_panel_builds_inside_blocks():
         load = gr.Button("Load")
         panel.follow(load.click(lambda: None, None, panel.run))
     assert isinstance(panel, DebugPanel)
+    assert panel.note.value == NO_RUN  # an empty panel says why, until a run replaces it
     assert len(panel.inputs) == 6 and len(panel.outputs) == 6
     assert isinstance(panel.tokens, gr.Dataframe) and isinstance(panel.threshold, gr.Slider)
     assert panel.update is update

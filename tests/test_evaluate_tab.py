@@ -102,7 +102,7 @@ def test_a_good_zip_gives_the_ap_figures_the_worst_images_and_the_report(good_ru
     detection = data["detection"]
     assert boxes.split(" | ")[1:5] == [f"{detection[k]:.3f}" for k in ("ap", "ap50", "ap75", "recall")]
     assert "| masks |" in summary and "| caption |" in summary and "images/s" in summary
-    assert f"- line {scenes['missing_line']}: " in summary
+    assert f"- line {scenes['missing_line']}: image not found: images/gone.png" in summary  # not the server's path
     shown = good_run["worst"].value
     assert [item["caption"].split(":")[0] for item in shown] == [f"line {w['line']}" for w in data["worst"]]
     assert any("detect red circle" in item["caption"] for item in shown)

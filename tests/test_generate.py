@@ -130,3 +130,15 @@ def test_never_emits_ids_past_the_tokenizer(tiny_model_dir, tokenizer_path, tmp_
     for sampler in ["greedy", "temperature(2.0)"]:
         ids = list(model.run([IMAGE], ["caption en"], max_new_tokens=16, sampler=sampler))[-1].token_ids[0]
         assert ids and max(ids) < model.tokenizer.vocab_size
+
+
+def test_warmup_compiles_the_variant_its_runs_will_use(tiny_model_dir):
+    import paligemma
+
+    model = paligemma.load(str(tiny_model_dir))
+    model.warmup(max_new_tokens=10, return_scores=True)
+    warmed = model.compile_count
+    *_, result = model.run([IMAGE], ["detect red circle"], 10, return_scores=True)
+    assert result.scores is not None and model.compile_count == warmed  # a scored run of that bucket: nothing new
+    model.generate(IMAGE, "detect red circle", max_new_tokens=10)
+    assert model.compile_count > warmed  # the unscored variant is compiled on its own

@@ -151,3 +151,16 @@ def test_drawing_shows_each_kind_in_its_own_style():
     legend = pixels[H:]
     for color in (match, miss, false):
         assert (legend == color).all(axis=2).any()
+
+
+def test_a_narrow_picture_wraps_its_legend_so_every_entry_shows_whole():
+    narrow = Image.new("RGB", (224, 224), (128, 128, 128))
+    truth, predicted = [_obj("cat", (20, 20, 100, 100))], [_obj("dog", (120, 120, 200, 200))]
+    drawn = draw_comparison(narrow, predicted, truth, compare(predicted, truth))
+    wide = draw_comparison(Image.new("RGB", (W, H), (128, 128, 128)), predicted, truth, compare(predicted, truth))
+    assert drawn.width == 224 and drawn.height - 224 > wide.height - H  # more legend rows than the wide picture's
+    legend = np.asarray(drawn)[224:]
+    false = np.array(ImageColor.getrgb(STYLES["false"]))
+    rows_with_false = np.flatnonzero((legend == false).all(axis=2).any(axis=1))
+    assert rows_with_false.size and rows_with_false[0] > (drawn.height - 224) // 2  # the last entry: a row of its own
+    assert not (legend[:, -3:] != 255).any()  # nothing runs into the right edge

@@ -11,7 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from hub_stand_in import HubStandIn, hf_repo_files_fixture  # noqa: F401 - provides the fixture
+from hub_stand_in import (  # noqa: F401 - the fixtures
+    HubStandIn,
+    hf_repo_files_fixture,
+    publish_mask_decoder,
+    taught_hf_files_fixture,
+)
 from PIL import Image
 
 import paligemma
@@ -22,22 +27,6 @@ from playground.manager import ModelManager, ModelUnavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID, GATED_ID = "org/taught-paligemma", "org/gated-paligemma"
-
-
-@pytest.fixture(scope="module")
-def taught_hf_files(tmp_path_factory, taught_model_dir):
-    """The taught model (it answers 'segment red circle' with seg tokens) as a Hugging Face repo, no vae-oid.npz."""
-    from paligemma.checkpoint import load_params
-    from paligemma.hf_export import export
-
-    params, cfg = load_params(str(taught_model_dir / "model.npz"))
-    folder = tmp_path_factory.mktemp("taught_hf")
-    export(params, cfg, folder, tokenizer_path=str(taught_model_dir / "tokenizer.model"))
-    return {name: (folder / name).read_bytes() for name in os.listdir(folder)}
-
-
-def _space(server, decoder_bytes):
-    server.add_repo(companions.SPACE, {"vae-oid.npz": decoder_bytes, "app.py": b""}, repo_type="space")
 
 
 @pytest.fixture
@@ -106,7 +95,7 @@ def test_cli_downloads_fetches_the_mask_decoder_draws_a_mask_and_reruns_offline(
 ):
     with HubStandIn() as server:
         server.add_repo(REPO_ID, taught_hf_files)
-        _space(server, (taught_model_dir / "vae-oid.npz").read_bytes())
+        publish_mask_decoder(server, (taught_model_dir / "vae-oid.npz").read_bytes())
         env = {
             **os.environ,
             "HF_ENDPOINT": server.url,
@@ -168,7 +157,7 @@ def test_the_manager_shows_size_and_download_progress_and_loads_with_masks(
     in_process_hub, tmp_path, taught_hf_files, taught_model_dir
 ):
     in_process_hub.add_repo(REPO_ID, taught_hf_files)
-    _space(in_process_hub, (taught_model_dir / "vae-oid.npz").read_bytes())
+    publish_mask_decoder(in_process_hub, (taught_model_dir / "vae-oid.npz").read_bytes())
     manager = _manager(tmp_path, [{"name": "standin", "source": REPO_ID}])
     size = manager.requirements("standin")
     weights = sum(
