@@ -39,7 +39,7 @@ def test_runs_on_cpu_with_the_tiny_config(bench_dir):
     assert result["bandwidth_bound"]["gbs"] > 0 and "numpy" in result["bandwidth_bound"]["source"]
 
     shown = table(result)
-    assert shown.startswith(f"CPU: {result['cpu']['model']} — vector features: ")
+    assert shown.startswith(f"CPU: {result['cpu']['cpu']} — vector features: ")
     assert shown.count("| parity vs float32 |") == 2 and shown.count(": passed |") == 2
     assert [f"| tiny ours | float32 | {b} |" in shown for b in BATCHES] == [True] * len(BATCHES)
     assert "| tiny transformers |" in shown and "skipped:" in shown
