@@ -17,21 +17,13 @@ def _image_file(tmp_path):
     return str(path)
 
 
+def _predict(model, image, prompt, *options) -> int:
+    """`python -m paligemma predict` on `model`, `image` and `prompt` with more options: its exit code."""
+    return main(["predict", "--model", str(model), "--image", str(image), "--prompt", prompt, *options])
+
+
 def test_predict_json(tmp_path, tiny_model_dir, capsys):
-    code = main(
-        [
-            "predict",
-            "--model",
-            str(tiny_model_dir),
-            "--image",
-            _image_file(tmp_path),
-            "--prompt",
-            "detect red circle",
-            "--max-new-tokens",
-            "8",
-            "--json",
-        ]
-    )
+    code = _predict(tiny_model_dir, _image_file(tmp_path), "detect red circle", "--max-new-tokens", "8", "--json")
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out["text"], str) and isinstance(out["objects"], list)
@@ -51,21 +43,7 @@ def test_predict_reports_masks_with_a_vqvae(tmp_path, tiny_model_dir, capsys, mo
     np.savez(folder / "vae-oid.npz", **decoder)
     segment = "<loc0100><loc0100><loc0800><loc0900>" + "".join(f"<seg{i:03d}>" for i in range(16)) + " red circle"
     monkeypatch.setattr(Model, "run", lambda self, *a, **k: iter([_fake_result(segment, self.tokenizer)]))
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(folder),
-                "--image",
-                _image_file(tmp_path),
-                "--prompt",
-                "segment red circle",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert _predict(folder, _image_file(tmp_path), "segment red circle", "--json") == 0
     objects = json.loads(capsys.readouterr().out)["objects"]
     assert [o["label"] for o in objects] == ["red circle"] and objects[0]["mask"] is True
     assert objects[0]["score"] == 1.0 and objects[0]["confidence"]["mask_score"] == 1.0  # every token was sure
@@ -83,25 +61,8 @@ def _fake_result(text, tokenizer):
 
 
 def test_int8_weights_load_and_predict(tmp_path, tiny_model_dir, capsys):
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(tiny_model_dir),
-                "--image",
-                _image_file(tmp_path),
-                "--prompt",
-                "detect x",
-                "--max-new-tokens",
-                "8",
-                "--dtype",
-                "int8",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    options = ["--max-new-tokens", "8", "--dtype", "int8", "--json"]
+    assert _predict(tiny_model_dir, _image_file(tmp_path), "detect x", *options) == 0
     assert json.loads(capsys.readouterr().out)["timing"]["new_tokens"] >= 1
     assert paligemma.load(str(tiny_model_dir), dtype="int8").info()["dtype"] == "int8"
 
@@ -109,33 +70,18 @@ def test_int8_weights_load_and_predict(tmp_path, tiny_model_dir, capsys):
 def test_bad_image_is_a_message_not_a_traceback(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    assert main(["predict", "--model", str(tiny_model_dir), "--image", str(bad), "--prompt", "caption en"]) == 2
+    assert _predict(tiny_model_dir, bad, "caption en") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not read an image") and "Traceback" not in err
 
 
 def test_missing_model_is_a_message(tmp_path, capsys):
-    assert main(["predict", "--model", str(tmp_path / "none"), "--image", _image_file(tmp_path), "--prompt", "x"]) == 2
+    assert _predict(tmp_path / "none", _image_file(tmp_path), "x") == 2
     assert "neither an existing file" in capsys.readouterr().err
 
 
 def test_bad_sampler_is_a_message(tmp_path, tiny_model_dir, capsys):
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(tiny_model_dir),
-                "--image",
-                _image_file(tmp_path),
-                "--prompt",
-                "x",
-                "--sampler",
-                "beam(0)",
-            ]
-        )
-        == 2
-    )
+    assert _predict(tiny_model_dir, _image_file(tmp_path), "x", "--sampler", "beam(0)") == 2
     assert "accepted" in capsys.readouterr().err
 
 
@@ -150,21 +96,7 @@ def test_bad_sampler_is_a_message(tmp_path, tiny_model_dir, capsys):
     ],
 )
 def test_bad_options_are_a_message_not_a_traceback(tmp_path, tiny_model_dir, capsys, option, message):
-    assert (
-        main(
-            [
-                "predict",
-                "--model",
-                str(tiny_model_dir),
-                "--image",
-                _image_file(tmp_path),
-                "--prompt",
-                "caption en",
-                *option,
-            ]
-        )
-        == 2
-    )
+    assert _predict(tiny_model_dir, _image_file(tmp_path), "caption en", *option) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and "Traceback" not in err
 
