@@ -64,27 +64,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer_path):
     """A random PaliGemma 2-style model in the big_vision .npz layout with its tokenizer beside it."""
     import shutil
 
+    from small_configs import tiny_gemma2_text
+
     from paligemma.checkpoint import save_npz
-    from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+    from paligemma.config import PaliGemmaConfig, VisionConfig
     from paligemma.params import init_params
     from paligemma.tokenizer import Tokenizer
 
     vocab = Tokenizer(tokenizer_path).vocab_size
     cfg = PaliGemmaConfig(
         VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=14, image_size=28),
-        TextConfig(
-            vocab_size=vocab,
-            width=64,
-            depth=2,
-            mlp_dim=96,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            query_scale=16**-0.5,
-            attn_softcap=50.0,
-            final_softcap=30.0,
-            post_norms=True,
-        ),
+        tiny_gemma2_text(vocab),
     )
     folder = tmp_path_factory.mktemp("tiny_model")
     save_npz(str(folder / "model.npz"), init_params(cfg, seed=0, std=0.05))

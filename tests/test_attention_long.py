@@ -7,28 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_configs import tiny_gemma2_text
 
 from paligemma import gemma, siglip
 from paligemma import model as model_lib
-from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.config import PaliGemmaConfig, VisionConfig
 from paligemma.params import init_params
 
 # 448 px / 14 px patches = 1,024 image tokens, Gemma 2 style (soft caps, grouped kv heads), tiny widths
 CFG = PaliGemmaConfig(
     VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=14, image_size=448),
-    TextConfig(
-        vocab_size=128,
-        width=64,
-        depth=2,
-        mlp_dim=96,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        query_scale=16**-0.5,
-        attn_softcap=50.0,
-        final_softcap=30.0,
-        post_norms=True,
-    ),
+    tiny_gemma2_text(128),
 )
 TEXT = 16
 LENGTH = CFG.num_image_tokens + TEXT

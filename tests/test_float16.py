@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_configs import tiny_gemma2_text
 
 from paligemma import devices, gemma, siglip
 from paligemma import model as model_lib
@@ -20,19 +21,7 @@ FLOAT16_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
 VOCAB = 96
 VISION = VisionConfig(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=14, image_size=56)
 TEXT = {
-    "gemma2": TextConfig(
-        vocab_size=VOCAB,
-        width=64,
-        depth=2,
-        mlp_dim=96,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        query_scale=16**-0.5,
-        attn_softcap=50.0,
-        final_softcap=30.0,
-        post_norms=True,
-    ),
+    "gemma2": tiny_gemma2_text(VOCAB),
     "gemma1": TextConfig(
         vocab_size=VOCAB, width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32, query_scale=32**-0.5
     ),

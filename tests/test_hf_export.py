@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import hf_inputs
+from small_configs import tiny_gemma2_text
 from transformers import PaliGemmaForConditionalGeneration
 
 from paligemma import checkpoint, hf_export
@@ -34,19 +35,7 @@ CONFIGS = {
     ),
     "pg2": PaliGemmaConfig(
         VISION,
-        TextConfig(
-            vocab_size=300,
-            width=64,
-            depth=2,
-            mlp_dim=96,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            query_scale=24**-0.5,
-            attn_softcap=50.0,
-            final_softcap=30.0,
-            post_norms=True,
-        ),
+        tiny_gemma2_text(300, query_scale=24**-0.5),
     ),
 }
 
