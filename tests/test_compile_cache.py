@@ -11,18 +11,20 @@ import pytest
 from paligemma import compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One process of the app: load, answer one request, report cache hits and compilations.
+# One process of the app: load, answer one request, report its compilations, its compile requests that may use the
+# persistent cache and those the cache served.
 _REQUEST = """
 import json, sys
 import numpy as np
 from jax import monitoring
-hits = []
+hits, requests = [], []
 monitoring.register_event_listener(lambda name, **_: hits.append(name) if name.endswith("cache_hits") else None)
+monitoring.register_event_listener(lambda name, **_: requests.append(name) if name.endswith("use_cache") else None)
 import paligemma
 paligemma.enable_compile_cache()  # as the app and the CLI do
 model = paligemma.load(sys.argv[1])
 model.generate(np.zeros((20, 20, 3), np.uint8), "caption en", max_new_tokens=4)
-print(json.dumps({"hits": len(hits), "compiled": model.compile_count}))
+print(json.dumps({"hits": len(hits), "requests": len(requests), "compiled": model.compile_count}))
 """
 
 
@@ -41,7 +43,6 @@ def _request_in_fresh_process(model_dir, cache: str) -> dict:
     env = {
         **os.environ,
         compile_cache.ENV: cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": ROOT,
     }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -65,6 +66,7 @@ def test_a_restarted_process_loads_executables_from_the_cache(tiny_model_dir, tm
     assert any("prefill" in f for f in files) and any("decode" in f for f in files), files
     second = _request_in_fresh_process(tiny_model_dir, str(cache))
     assert second["hits"] >= 2  # prefill and decode came from disk
+    assert second["hits"] == second["requests"], second  # and so did every small one of loading and preprocessing
     assert {f for f in os.listdir(cache) if not f.endswith("-atime")} == {f for f in files if not f.endswith("-atime")}
 
 
