@@ -178,7 +178,7 @@ def _tile(pixels, batch: int):
     return pixels[[i % len(pixels) for i in range(batch)]]
 
 
-def measure_ours(folder: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+def measure_ours(folder: str, dtype: str, new_tokens: int, repeats: int, batches: tuple[int, ...] = BATCHES) -> dict:
     """Load once, then each batch size in ascending order (so peak memory so far is the larger batch's)."""
     import jax
     import numpy as np
@@ -194,7 +194,7 @@ def measure_ours(folder: str, dtype: str, new_tokens: int, repeats: int) -> dict
     )  # eos -1: every request decodes exactly new_tokens
     device = jax.devices()[0]
     rows = []
-    for batch in BATCHES:
+    for batch in batches:
         pixels, prompts = _tile(inputs["pixels"], batch), [list(inputs[PROMPT])] * batch
 
         def request(pixels=pixels, prompts=prompts):
@@ -232,7 +232,9 @@ def _peak_memory(device) -> dict:
     return {"peak_memory_gib": peak_rss_gib(), "memory_kind": "host RSS"}
 
 
-def measure_transformers(folder: str, dtype: str, new_tokens: int, repeats: int) -> dict:
+def measure_transformers(
+    folder: str, dtype: str, new_tokens: int, repeats: int, batches: tuple[int, ...] = BATCHES
+) -> dict:
     """transformers on the same weights with torch on CUDA, or why not (never on CPU: bench/generate.py is the
     CPU comparison)."""
     try:
@@ -256,7 +258,7 @@ def measure_transformers(folder: str, dtype: str, new_tokens: int, repeats: int)
     inputs = np.load(os.path.join(folder, "inputs.npz"))
     image_tokens = [model.config.image_token_id] * model.config.text_config.num_image_tokens
     rows = []
-    for batch in BATCHES:
+    for batch in batches:
         ids = torch.tensor([image_tokens + inputs[PROMPT].tolist()] * batch, device=cuda)
         pixels = _tile(inputs["pixels"], batch).transpose(0, 3, 1, 2)
         feed = dict(
@@ -332,16 +334,17 @@ def run(args) -> dict:
     except subprocess.CalledProcessError as err:
         message = f"accelerator: writing the {config} weights under {args.dir} failed (exit {err.returncode})"
         raise SystemExit(message) from None
-    ours = _child("ours", folder=folder, dtype=device["default_dtype"], new_tokens=new_tokens, repeats=repeats)
+    timed = {"new_tokens": new_tokens, "repeats": repeats, "batches": args.batches}
+    ours = _child("ours", folder=folder, dtype=device["default_dtype"], **timed)
     rows = speed_rows("ours", ours, ours["decode_weight_bytes"], bound["gbs"])
     if device["platform"] == "gpu":
-        theirs = _child("transformers", folder=folder, dtype=ours["dtype"], new_tokens=new_tokens, repeats=repeats)
+        theirs = _child("transformers", folder=folder, dtype=ours["dtype"], **timed)
     else:
         theirs = {"skipped": f"JAX runs on {device['platform']}: transformers is measured with torch CUDA on a GPU "
                   "only (bench/generate.py compares the two on CPU)"}  # fmt: skip
     if "skipped" not in theirs:
         rows += speed_rows("transformers", theirs, ours["decode_weight_bytes"], bound["gbs"])
-        for mine, other in zip(rows, rows[len(BATCHES) :]):
+        for mine, other in zip(rows, rows[len(args.batches) :]):
             other["greedy_tokens_equal_ours"] = common_prefix(mine["tokens"], other["tokens"])
     for row in rows:
         row["new_tokens"] = len(row.pop("tokens"))
@@ -422,6 +425,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help="per request (default 64 on an accelerator, 16 on CPU)")
     parser.add_argument("--repeats", type=int, help="warm requests per batch (default 3 on an accelerator, 2 on CPU)")
     parser.add_argument("--parity-tokens", type=int, default=16, help="greedy tokens per parity row")
+    parser.add_argument(
+        "--batches",
+        type=lambda text: tuple(int(b) for b in text.split(",")),
+        default=BATCHES,
+        help=f"batch sizes to time, comma-separated (default {','.join(map(str, BATCHES))})",
+    )
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="numpy's bandwidth measurement on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
@@ -430,6 +439,8 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be from 2 to 1024 (decode is timed past the first token)")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if not args.batches or min(args.batches) < 1:
+        parser.error("--batches must be positive whole numbers, e.g. 1,4,16")
     result = run(args)
     print(json.dumps(result) if args.json else table(result))
     if not result["parity_passed"]:

@@ -239,6 +239,7 @@ def test_split_over_4_devices_slots_give_the_one_device_tokens(tiny_model_dir):
     assert report["slots"] == report["alone"] and all(len(t) == 12 for t in report["alone"])
 
 
+@pytest.mark.slow  # the app's request path over a taught model (a training run in its fixture)
 def test_the_page_runs_through_continuous_batching_and_each_visitor_gets_their_own_answer(taught_model_dir, tmp_path):
     """The app's path (playground.requests) with `--scheduler continuous`: concurrent runs with different prompts,
     limits and decodings each end with what the same-settings batcher gives them, scored for the debug panel."""
