@@ -199,6 +199,29 @@ def _handler(hub: HubStandIn):
     return Handler
 
 
+def point_huggingface_hub_at(server: HubStandIn, monkeypatch, cache: str) -> None:
+    """This process's huggingface_hub talks to `server` (its endpoint was read at import, so the constants are
+    patched), keeps its files in `cache`, does not pause between retries and has no token."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(_http.time, "sleep", lambda s: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def point_companions_at(server: HubStandIn, monkeypatch, cache: str) -> None:
+    """The companion files' bucket is `server`'s /big_vision, and their cache `cache`."""
+    from paligemma import companions
+
+    monkeypatch.setattr(companions, "BUCKET", server.url + "/big_vision")
+    monkeypatch.setenv(companions.CACHE_ENV, cache)
+
+
 def publish_mask_decoder(server: HubStandIn, decoder_bytes: bytes) -> None:
     """The mask decoder where it is published: vae-oid.npz in the big-vision/paligemma Space."""
     from paligemma import companions

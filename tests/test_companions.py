@@ -10,7 +10,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hub_stand_in import HubStandIn, hf_repo_files_fixture  # noqa: F401 - provides the fixture
+from hub_stand_in import (  # noqa: F401 - provides the fixture
+    HubStandIn,
+    hf_repo_files_fixture,
+    point_companions_at,
+    point_huggingface_hub_at,
+)
 
 from paligemma import companions
 from paligemma.config import CheckpointError
@@ -28,20 +33,11 @@ def vae_bytes():
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch, vae_bytes, tokenizer_path):
     """The Hub stand-in with the Space big-vision/paligemma, and the same server standing in for the bucket."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
     with HubStandIn() as server:
         server.add_repo(companions.SPACE, {"vae-oid.npz": vae_bytes, "app.py": b""}, repo_type="space")
         server.static["/big_vision/paligemma_tokenizer.model"] = Path(tokenizer_path).read_bytes()
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-        monkeypatch.setattr(_http.time, "sleep", lambda s: None)
-        monkeypatch.setattr(companions, "BUCKET", server.url + "/big_vision")
-        monkeypatch.setenv(companions.CACHE_ENV, str(tmp_path / "paligemma_cache"))
+        point_huggingface_hub_at(server, monkeypatch, str(tmp_path / "hub"))
+        point_companions_at(server, monkeypatch, str(tmp_path / "paligemma_cache"))
         yield server
 
 

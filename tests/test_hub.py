@@ -8,7 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hub_stand_in import BAD_TOKEN, HubStandIn, hf_repo_files_fixture  # noqa: F401 - provides the fixture
+from hub_stand_in import (  # noqa: F401 - provides the fixture
+    BAD_TOKEN,
+    HubStandIn,
+    hf_repo_files_fixture,
+    point_huggingface_hub_at,
+)
 
 from paligemma import hub
 from paligemma.config import CheckpointError
@@ -20,22 +25,15 @@ REPO, GATED = "org/tiny-paligemma", "org/gated"
 def stand_in(tmp_path, monkeypatch, hf_repo_files):
     """The stand-in serving the tiny repo and a gated one; huggingface_hub pointed at it with a fresh cache."""
     from huggingface_hub import constants, file_download
-    from huggingface_hub.utils import _http
 
     with HubStandIn() as server:
         server.add_repo(REPO, hf_repo_files)
         server.add_repo(GATED, hf_repo_files, gated=True)
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        point_huggingface_hub_at(server, monkeypatch, str(tmp_path / "hub"))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         # huggingface_hub writes (and so can resume from) whole 10 MB chunks; the tiny files need smaller ones.
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
         monkeypatch.setattr(file_download.time, "sleep", lambda s: None)  # the retry pauses
-        monkeypatch.setattr(_http.time, "sleep", lambda s: None)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
         yield server
 
 

@@ -14,6 +14,8 @@ import pytest
 from hub_stand_in import (  # noqa: F401 - the fixtures
     HubStandIn,
     hf_repo_files_fixture,
+    point_companions_at,
+    point_huggingface_hub_at,
     publish_mask_decoder,
     taught_hf_files_fixture,
 )
@@ -32,19 +34,9 @@ REPO_ID, GATED_ID = "org/taught-paligemma", "org/gated-paligemma"
 @pytest.fixture
 def in_process_hub(tmp_path, monkeypatch):
     """The stand-in for huggingface_hub in this process (whose endpoint was read at import), with isolated caches."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
     with HubStandIn() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(
-            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        )
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-        monkeypatch.setattr(_http.time, "sleep", lambda s: None)
-        monkeypatch.setattr(companions, "BUCKET", server.url + "/big_vision")
-        monkeypatch.setenv(companions.CACHE_ENV, str(tmp_path / "paligemma_cache"))
-        monkeypatch.delenv("HF_TOKEN", raising=False)
+        point_huggingface_hub_at(server, monkeypatch, str(tmp_path / "hub"))
+        point_companions_at(server, monkeypatch, str(tmp_path / "paligemma_cache"))
         yield server
 
 
