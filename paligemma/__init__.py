@@ -22,7 +22,16 @@ from .companions import MASK_DECODER_NAME, NOT_WEIGHTS, TOKENIZER_NAMES, Compani
 from .compile_cache import enable as enable_compile_cache
 from .config import CheckpointError, PaliGemmaConfig, TextConfig, VisionConfig, demo_config, tiny_config
 from .devices import default_dtype
-from .generate import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, PROMPT_BUCKETS, SCORE_KEYS, Generator, Timing, TokenScores
+from .generate import (
+    MAX_BATCH,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_TOKENS,
+    PROMPT_BUCKETS,
+    SCORE_KEYS,
+    Generator,
+    Timing,
+    TokenScores,
+)
 from .hf_export import export as export_hf
 from .hub import cli_progress, is_repo_id
 from .hub import is_kaggle as is_kaggle_source
@@ -38,7 +47,7 @@ from .tokenizer import NUM_LOC, NUM_SEG, SEG_TOKENS_PER_MASK, Tokenizer, train_t
 
 __all__ = [
     # loading and running a model
-    "load", "Model", "Result", "Timing", "TokenScores", "DTYPES", "DTYPE_NAMES", "MAX_NEW_TOKENS",
+    "load", "Model", "Result", "Timing", "TokenScores", "DTYPES", "DTYPE_NAMES", "MAX_BATCH", "MAX_NEW_TOKENS",
     "MAX_PROMPT_TOKENS", "PROMPT_BUCKETS", "Sampler", "parse_sampler", "MAX_SEED", "is_out_of_memory",
     "enable_compile_cache",
     # continuous batching: decode slots that requests join and leave between chunks
@@ -181,6 +190,8 @@ class Model:
         (runs a separately compiled variant; without it, generation is exactly as before)."""
         if len(images) != len(prompts) or not prompts:
             raise ValueError(f"need one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        if len(prompts) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} images per call, got {len(prompts)}: split them into batches")
         if not isinstance(max_new_tokens, int | np.integer) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
         if not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:

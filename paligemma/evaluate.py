@@ -57,7 +57,7 @@ from postprocess.ground_truth import MATCH_IOU
 from . import sharding
 from .eval_data import Example, Problem, read_examples
 from .eval_report import draw_review
-from .generate import BATCH_BUCKETS, MAX_NEW_TOKENS
+from .generate import BATCH_BUCKETS, MAX_BATCH, MAX_NEW_TOKENS
 from .preprocess import open_image, to_rgb
 
 CALIBRATION_BINS = 10
@@ -208,8 +208,8 @@ def evaluate(
         raise ValueError(f"{data_path} holds no example that can be evaluated" + (f" ({listed})" if listed else ""))
     copies = replicas(model, devices, model_parallel)
     batch_size = batch_size or default_batch_size(model)
-    if not 1 <= batch_size <= BATCH_BUCKETS[-1]:
-        raise ValueError(f"batch_size must be from 1 to {BATCH_BUCKETS[-1]}, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be from 1 to {MAX_BATCH}, got {batch_size}")
     if max_new_tokens is None:
         longest = max(len(model.tokenizer.encode(e.suffix)) for e in examples)
         max_new_tokens = min(longest + 16, MAX_NEW_TOKENS)

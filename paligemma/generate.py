@@ -36,6 +36,7 @@ from .samplers import Sampler, sample, sampling_log_probs
 PROMPT_BUCKETS = (16, 32, 64, 128, 256)
 NEW_TOKEN_BUCKETS = (16, 64, 256, 1024)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+MAX_BATCH = BATCH_BUCKETS[-1]  # rows in one call
 MAX_PROMPT_TOKENS = PROMPT_BUCKETS[-1]
 MAX_NEW_TOKENS = NEW_TOKEN_BUCKETS[-1]
 TOP_K = beam.TOP_K  # alternatives recorded per generated token

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from paligemma import MAX_BATCH
 from paligemma.samplers import Sampler, SamplerError, parse_sampler
 
 IMAGE = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)
@@ -105,6 +106,12 @@ def test_bad_options_raise_value_error(tiny_model, kwargs, match):
 def test_prompt_over_budget_is_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match="at most"):
         tiny_model.generate(IMAGE, "red " * 400)
+
+
+def test_more_images_than_one_call_runs_is_a_clear_error(tiny_model):
+    rows = MAX_BATCH + 1
+    with pytest.raises(ValueError, match=f"at most {MAX_BATCH} images per call, got {rows}"):
+        tiny_model.generate_batch([IMAGE] * rows, ["caption en"] * rows)
 
 
 def test_empty_prompt_generates(tiny_model):
