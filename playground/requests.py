@@ -208,13 +208,25 @@ def notice(prompt: str, pieces, tokens: int, max_new_tokens: int, done: bool) ->
     elif broken:
         parts = "; ".join(f"“{_TOKEN_RE.sub('', b).strip(' ;') or 'a location'}”" for b in broken)
         said.append(f"Could not draw {parts}: its location or mask tokens are incomplete (see the raw output).")
-    elif done and not any(p.text.strip() for p in pieces):
-        task, _, argument = prompts.split(prompt)
-        if task is not None and task.keyword in ("detect", "segment"):
-            said.append(f"No {argument or 'object'} found.")
-        else:
-            said.append("The model gave an empty answer.")
-    return " ".join(said), larger
+    elif done:
+        said.append(_not_found(prompt, pieces))
+    return " ".join(filter(None, said)), larger
+
+
+def _not_found(prompt: str, pieces) -> str:
+    """What a whole answer leaves out: "No blue square found." for an empty detect or segment answer, "No dog
+    found." when "detect cat ; dog" found only cats; "" when nothing is missing (or the model named what it
+    found in other words than the prompt's)."""
+    empty = not any(p.text.strip() for p in pieces)
+    task, _, argument = prompts.split(prompt)
+    if task is None or task.keyword not in ("detect", "segment"):
+        return "The model gave an empty answer." if empty else ""
+    names = [name.strip() for name in argument.split(";") if name.strip()]
+    found = {obj.label.lower() for obj in postprocess.objects(pieces)}
+    missing = [name for name in names if name.lower() not in found]
+    if empty:
+        return f"No {' or '.join(names) or 'object'} found."
+    return f"No {' or '.join(missing)} found." if len(names) > 1 and 0 < len(missing) < len(names) else ""
 
 
 @dataclasses.dataclass
@@ -426,24 +438,32 @@ class Playground:
         yield Outcome([], text, timing, display=display)
         submitted = time.monotonic()
         submit = self.scheduler.submit
-        with contextlib.closing(
-            submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=1.0, return_scores=SCORED)
-        ) as updates:
-            for update in updates:
-                if update is None:
-                    waited = time.monotonic() - submitted
-                    if not text and waited >= COMPILE_NOTICE_S:
-                        yield Outcome(
-                            [],
-                            text,
-                            timing,
-                            display=display,
-                            notice=(f"Preparing the model for this prompt length (first time only) · {waited:.0f} s"),
-                        )
-                    continue
-                text, tokens, scores = update.text, update.tokens, update.scores
-                timing.update(update.timing)
-                yield Outcome(postprocess.display_labels(_pieces(text, display, None)), text, timing, display=display)
+        try:
+            with contextlib.closing(
+                submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=1.0, return_scores=SCORED)
+            ) as updates:
+                for update in updates:
+                    if update is None:
+                        waited = time.monotonic() - submitted
+                        if not text and waited >= COMPILE_NOTICE_S:
+                            yield Outcome(
+                                [],
+                                text,
+                                timing,
+                                display=display,
+                                notice=(
+                                    f"Preparing the model for this prompt length (first time only) · {waited:.0f} s"
+                                ),
+                            )
+                        continue
+                    text, tokens, scores = update.text, update.tokens, update.scores
+                    timing.update(update.timing)
+                    yield Outcome(
+                        postprocess.display_labels(_pieces(text, display, None)), text, timing, display=display
+                    )
+        except GeneratorExit:  # the page stopped, cleared or replaced the run, or left: the scheduler frees its slot
+            log.info("run of %r on %r cancelled after %d tokens", prompt, model, tokens)
+            raise
         finished = time.monotonic()
         outcome = self._annotations(text, picture, display, ready.masks, scores, ready.model.tokenizer)
         outcome.debug, outcome.debug_note = _debug_run(outcome, scores, ready.model, image_name)

@@ -215,6 +215,40 @@ def test_a_cancelled_run_frees_its_slot_at_once(client):
     assert long.done() and len(long.outputs()[-1][2]) < 4 * paligemma.MAX_NEW_TOKENS
 
 
+@pytest.mark.slow
+def test_a_page_that_leaves_mid_run_cancels_the_run_and_frees_its_slot(client, caplog):
+    """A visitor who closes or reloads the page drops its event stream (done here by hand, as a browser does): the
+    long sampled run is cancelled, so the next run starts within a second, and the server log says so."""
+    import uuid
+
+    import httpx
+
+    base = client.src.rstrip("/")
+    config = httpx.get(f"{base}/config").json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "run")
+    with open(detect_example().image, "rb") as picture:
+        (path,) = httpx.post(f"{base}/gradio_api/upload", files={"files": picture}).json()
+    session = uuid.uuid4().hex
+    image = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    data = [image, "caption en", TAUGHT, HOT, paligemma.MAX_NEW_TOKENS, "3"]
+    join = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    with caplog.at_level(logging.INFO, logger="playground.requests"):
+        httpx.post(f"{base}/gradio_api/queue/join", json=join).raise_for_status()
+        params = {"session_hash": session}
+        with httpx.stream("GET", f"{base}/gradio_api/queue/data", params=params, timeout=120) as events:
+            for line in events.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_generating" and message["output"]["data"][2]:
+                    break  # its text streams: the page leaves now
+            else:
+                pytest.fail("the run ended before its page could leave")
+
+        raw, timing = (_run(client, "caption en")[i] for i in (2, 5))
+        assert raw == "a red circle and a green triangle"
+        assert timing["batch_wait_s"] < 1.0  # the abandoned run no longer holds the model
+        assert "'caption en' on 'taught' cancelled after" in caplog.text
+
+
 @pytest.fixture
 def bad_files(tmp_path):
     not_image = tmp_path / "holiday.png"
