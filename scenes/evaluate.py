@@ -45,14 +45,14 @@ class DetectionCounts:
     def __add__(self, other: DetectionCounts) -> DetectionCounts:
         return DetectionCounts(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
-    def figures(self) -> dict[str, float | None]:
+    def figures(self, prefix: str = "") -> dict[str, float | None]:
         """Share of objects found, share of predicted boxes matching none (0 when none were
         predicted), mean IoU of the matches; None where nothing was asked or matched."""
         asked = self.prompts > 0
         return {
-            "detection_found": _ratio(self.matched, self.truth) if asked else None,
-            "detection_extra": (self.predicted - self.matched) / max(self.predicted, 1) if asked else None,
-            "detection_box_iou": _ratio(self.matched_iou_sum, self.matched),
+            f"{prefix}detection_found": _ratio(self.matched, self.truth) if asked else None,
+            f"{prefix}detection_extra": (self.predicted - self.matched) / max(self.predicted, 1) if asked else None,
+            f"{prefix}detection_box_iou": _ratio(self.matched_iou_sum, self.matched),
         }
 
 
@@ -82,14 +82,18 @@ def match_boxes(predicted: Sequence[Box], truth: Sequence[Box], threshold: float
 def score_detection(scene: Scene, prompt: str, text: str) -> DetectionCounts:
     """Boxes of a detect (or segment) output against the scene's matching objects.
 
-    A predicted box counts only with the prompt's label; any other is an extra box.
+    A predicted box counts only with the label of the object it frames; any other is an extra box.
     """
     query = parse_prompt(prompt)
     height, width = scene.image.shape[:2]
-    truth = [obj.box for obj in scene.objects if query.matches(obj)]
     found = objects(parse(text, width, height))
-    matched = match_boxes([obj.box for obj in found if obj.label == query.label], truth)
-    return DetectionCounts(1, len(truth), len(found), len(matched), sum(matched))
+    truth = 0
+    ious: list[float] = []
+    for target in query.targets:
+        target_truth = [obj.box for obj in scene.objects if target.matches(obj)]
+        ious += match_boxes([obj.box for obj in found if obj.label == target.label], target_truth)
+        truth += len(target_truth)
+    return DetectionCounts(1, truth, len(found), len(ious), sum(ious))
 
 
 def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -99,16 +103,17 @@ def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def score_segmentation(scene: Scene, prompt: str, text: str, mask_decoder: MaskDecoder) -> float | None:
-    """Mask IoU of all predicted masks with the prompt's label against the matching objects' masks.
+    """Mask IoU of all predicted masks with one of the prompt's labels against the matching objects' masks.
 
     None when both are empty: a correct "nothing here" has no IoU to average.
     """
     query = parse_prompt(prompt)
+    labels = {target.label for target in query.targets}
     height, width = scene.image.shape[:2]
     pieces = mask_decoder.attach_masks(parse(text, width, height), width, height)
     empty = np.zeros((height, width), bool)
     predicted = np.any(
-        [empty, *(obj.mask for obj in objects(pieces) if obj.label == query.label and obj.mask is not None)], axis=0
+        [empty, *(obj.mask for obj in objects(pieces) if obj.label in labels and obj.mask is not None)], axis=0
     )
     truth = np.any([empty, *(obj.mask for obj in scene.objects if query.matches(obj))], axis=0)
     if not predicted.any() and not truth.any():
@@ -156,25 +161,27 @@ def evaluate_model(
             raise ValueError(f"generate_fn returned {len(outputs)} texts for {len(batch)} prompts")
         texts.extend(outputs)
 
-    detection = DetectionCounts()
-    mask_ious: list[float] = []
+    detection = {"detect": DetectionCounts(), "multi_detect": DetectionCounts()}
+    mask_ious: dict[str, list[float]] = {"segment": [], "multi_segment": []}
     right: dict[str, list[bool]] = {task: [] for task in (*ANSWER_TASKS, "caption")}
     for (scene, prompt), text in zip(asked, texts):
         task = parse_prompt(prompt).task
-        if task == "detect":
-            detection += score_detection(scene, prompt, text)
-        elif task == "segment":
+        if task in detection:
+            detection[task] += score_detection(scene, prompt, text)
+        elif task in mask_ious:
             iou = score_segmentation(scene, prompt, text, mask_decoder)
             if iou is not None:
-                mask_ious.append(iou)
+                mask_ious[task].append(iou)
         else:
             right[task].append(answer_is_right(scene, prompt, text))
     answers = [ok for task in ANSWER_TASKS for ok in right[task]]
     figures = {
         "scenes": num_scenes,
         "prompts": len(asked),
-        **detection.figures(),
-        "segmentation_mask_iou": _ratio(sum(mask_ious), len(mask_ious)),
+        **detection["detect"].figures(),
+        **detection["multi_detect"].figures("multi_"),
+        "segmentation_mask_iou": _ratio(sum(mask_ious["segment"]), len(mask_ious["segment"])),
+        "multi_segmentation_mask_iou": _ratio(sum(mask_ious["multi_segment"]), len(mask_ious["multi_segment"])),
         "answer_accuracy": _ratio(sum(answers), len(answers)),
         "caption_accuracy": _ratio(sum(right["caption"]), len(right["caption"])),
     }

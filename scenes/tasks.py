@@ -17,27 +17,37 @@ from scenes.generate import COLOURS, KINDS, Scene, SceneObject
 
 CAPTION_PROMPT = "caption en"
 COUNT_PROMPT = "answer en how many shapes are there?"
-TASKS = ("caption", "detect", "segment", "count", "colour", "yes_no")
+# The multi_ tasks name two or more objects ("detect red circle ; green triangle"); they come last so that
+# adding them to a mix leaves the prompts drawn for the other tasks unchanged.
+TASKS = ("caption", "detect", "segment", "count", "colour", "yes_no", "multi_detect", "multi_segment")
+MULTI_SEPARATOR = " ; "  # between the objects a prompt names, as in the published detect/segment prompts
 
 _KIND = "|".join(KINDS)
 _COLOUR = "|".join(COLOURS)
+_ANY_TARGET = rf"(?:(?:{_COLOUR}) )?(?:{_KIND})"
+_COLOURED_TARGET = rf"(?:{_COLOUR}) (?:{_KIND})"
 _PATTERNS = (
     ("caption", re.compile(re.escape(CAPTION_PROMPT))),
     ("count", re.compile(re.escape(COUNT_PROMPT))),
-    ("detect", re.compile(rf"detect (?:(?P<colour>{_COLOUR}) )?(?P<kind>{_KIND})")),
-    ("segment", re.compile(rf"segment (?P<colour>{_COLOUR}) (?P<kind>{_KIND})")),
-    ("colour", re.compile(rf"answer en what color is the (?P<kind>{_KIND})\?")),
-    ("yes_no", re.compile(rf"answer en is there a (?P<colour>{_COLOUR}) (?P<kind>{_KIND})\?")),
+    ("detect", re.compile(rf"detect (?P<targets>{_ANY_TARGET}(?: ; {_ANY_TARGET})*)")),
+    ("segment", re.compile(rf"segment (?P<targets>{_COLOURED_TARGET}(?: ; {_COLOURED_TARGET})*)")),
+    ("colour", re.compile(rf"answer en what color is the (?P<targets>{_KIND})\?")),
+    ("yes_no", re.compile(rf"answer en is there a (?P<targets>{_COLOURED_TARGET})\?")),
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class Query:
-    """What a prompt asks: its task and the colour/kind it names, if any."""
+class Target:
+    """One object a prompt names: a kind, and a colour unless any colour will do."""
 
-    task: str
-    kind: str | None = None
+    kind: str
     colour: str | None = None
+
+    @classmethod
+    def of(cls, label: str) -> Target:
+        """'red circle' or 'circle'."""
+        *colour, kind = label.split(" ")
+        return cls(kind, colour[0] if colour else None)
 
     @property
     def label(self) -> str:
@@ -47,17 +57,34 @@ class Query:
     def matches(self, obj: SceneObject) -> bool:
         return obj.kind == self.kind and self.colour in (None, obj.colour)
 
+    def overlaps(self, other: Target) -> bool:
+        """Whether some object could match both."""
+        return self.kind == other.kind and None in (self.colour, other.colour) or self == other
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """What a prompt asks: its task and the objects it names, in prompt order (none for captions and counts)."""
+
+    task: str
+    targets: tuple[Target, ...] = ()
+
+    def matches(self, obj: SceneObject) -> bool:
+        """Whether `obj` is one of the objects the prompt names."""
+        return any(target.matches(obj) for target in self.targets)
+
 
 def parse_prompt(prompt: str) -> Query:
     """What `prompt` asks; ValueError listing the accepted prompts when it is none of them."""
     for task, pattern in _PATTERNS:
         found = pattern.fullmatch(prompt)
         if found:
-            groups = found.groupdict()
-            return Query(task, groups.get("kind"), groups.get("colour"))
+            labels = found.groupdict().get("targets")
+            targets = tuple(Target.of(label) for label in labels.split(MULTI_SEPARATOR)) if labels else ()
+            return Query(f"multi_{task}" if len(targets) > 1 else task, targets)
     raise ValueError(
-        f"unsupported prompt {prompt!r}; accepted: '{CAPTION_PROMPT}', 'detect [colour] KIND', "
-        f"'segment COLOUR KIND', '{COUNT_PROMPT}', 'answer en what color is the KIND?', "
+        f"unsupported prompt {prompt!r}; accepted: '{CAPTION_PROMPT}', 'detect [colour] KIND[ ; [colour] KIND...]', "
+        f"'segment COLOUR KIND[ ; COLOUR KIND...]', '{COUNT_PROMPT}', 'answer en what color is the KIND?', "
         f"'answer en is there a COLOUR KIND?' with KIND in {KINDS} and COLOUR in {tuple(COLOURS)}"
     )
 
@@ -84,17 +111,20 @@ def answer(scene: Scene, prompt: str, seg_codes: Sequence[Sequence[int]] | None 
     if query.task == "yes_no":
         return "yes" if any(query.matches(obj) for obj in scene.objects) else "no"
     if query.task == "colour":
-        same_kind = [obj for obj in scene.objects if obj.kind == query.kind]
+        (target,) = query.targets
+        same_kind = [obj for obj in scene.objects if obj.kind == target.kind]
         if len(same_kind) != 1:
-            raise ValueError(f"{prompt!r} needs exactly one {query.kind} in the scene, found {len(same_kind)}")
+            raise ValueError(f"{prompt!r} needs exactly one {target.kind} in the scene, found {len(same_kind)}")
         return same_kind[0].colour
-    if query.task == "segment" and seg_codes is None:
+    segment = query.task in ("segment", "multi_segment")
+    if segment and seg_codes is None:
         raise ValueError("segment prompts need the objects' seg_codes (from a trained VQ-VAE encoder)")
     pieces = []
-    for index, obj in enumerate(scene.objects):
-        if query.matches(obj):
-            codes = seg_codes[index] if query.task == "segment" else None
-            pieces.append(format_object(query.label, obj.box, width, height, seg_codes=codes))
+    for target in query.targets:  # in prompt order, each target's objects in scene order
+        for index, obj in enumerate(scene.objects):
+            if target.matches(obj):
+                codes = seg_codes[index] if segment else None
+                pieces.append(format_object(target.label, obj.box, width, height, seg_codes=codes))
     return join_objects(pieces)
 
 
@@ -108,7 +138,11 @@ class TaskMix:
     count: int = 1
     colour: int = 1
     yes_no: int = 1
-    positive_rate: float = 0.5  # share of detect, segment and yes/no prompts naming something present
+    multi_detect: int = 0
+    multi_segment: int = 0
+    positive_rate: float = (
+        0.5  # share of detect, segment and yes/no prompts (and of multi_ targets) naming something present
+    )
 
     def __post_init__(self):
         counts = [getattr(self, task) for task in TASKS]
@@ -128,6 +162,35 @@ def _labels_present_and_absent(scene: Scene) -> tuple[list[str], list[str]]:
     return present, absent
 
 
+def _draw_label(
+    scene: Scene, rng: np.random.Generator, positive_rate: float, kind_only: bool, apart_from: Target | None = None
+) -> str:
+    """A 'colour kind' label present in `scene` with probability `positive_rate`, absent otherwise; with
+    `kind_only`, half the time a bare kind instead. With `apart_from`, never one that an object matching it
+    could also match (an absent one when every present one could)."""
+    present, absent = _labels_present_and_absent(scene)
+    positive = rng.random() < positive_rate
+    labels = present if positive else absent
+    if kind_only:
+        kinds = [obj.kind for obj in scene.objects]
+        kinds_named = [kind for kind in KINDS if (kind in kinds) == positive]
+        if kinds_named and rng.random() < 0.5:
+            labels = kinds_named
+    if apart_from is not None:
+        labels = [label for label in labels if not Target.of(label).overlaps(apart_from)] or [
+            label for label in absent if not Target.of(label).overlaps(apart_from)
+        ]
+    return str(rng.choice(labels))
+
+
+def _draw_multi_prompt(verb: str, scene: Scene, rng: np.random.Generator, positive_rate: float) -> str:
+    """'VERB a ; b': two labels drawn like single ones, never two that one object could both match."""
+    kind_only = verb == "detect"
+    first = _draw_label(scene, rng, positive_rate, kind_only)
+    second = _draw_label(scene, rng, positive_rate, kind_only, apart_from=Target.of(first))
+    return f"{verb} {first}{MULTI_SEPARATOR}{second}"
+
+
 def _draw_prompt(task: str, scene: Scene, rng: np.random.Generator, positive_rate: float) -> str | None:
     """One random prompt of `task` for `scene`, or None when the task cannot be asked of it.
 
@@ -138,21 +201,18 @@ def _draw_prompt(task: str, scene: Scene, rng: np.random.Generator, positive_rat
         return CAPTION_PROMPT
     if task == "count":
         return COUNT_PROMPT
-    kinds = [obj.kind for obj in scene.objects]
     if task == "colour":
+        kinds = [obj.kind for obj in scene.objects]
         single = [kind for kind in KINDS if kinds.count(kind) == 1]
         return f"answer en what color is the {rng.choice(single)}?" if single else None
-    present, absent = _labels_present_and_absent(scene)
-    positive = rng.random() < positive_rate
-    labels = present if positive else absent
+    if task.startswith("multi_"):
+        return _draw_multi_prompt(task.removeprefix("multi_"), scene, rng, positive_rate)
+    label = _draw_label(scene, rng, positive_rate, kind_only=task == "detect")
     if task == "detect":
-        kinds_named = [kind for kind in KINDS if (kind in kinds) == positive]
-        if kinds_named and rng.random() < 0.5:
-            labels = kinds_named
-        return f"detect {rng.choice(labels)}"
+        return f"detect {label}"
     if task == "segment":
-        return f"segment {rng.choice(labels)}"
-    return f"answer en is there a {rng.choice(labels)}?"
+        return f"segment {label}"
+    return f"answer en is there a {label}?"
 
 
 def sample_prompts(
@@ -161,7 +221,7 @@ def sample_prompts(
     """Distinct prompts for one scene following `mix` (segment ones only if `with_segment`)."""
     prompts: list[str] = []
     for task in TASKS:
-        if task == "segment" and not with_segment:
+        if task in ("segment", "multi_segment") and not with_segment:
             continue
         for _ in range(getattr(mix, task)):
             prompt = _draw_prompt(task, scene, rng, mix.positive_rate)

@@ -62,6 +62,10 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
             "2",
             "--caption-rounds",
             "1",
+            "--multi-data",
+            "multi",
+            "--multi-rounds",
+            "1",
             "--lr",
             "0.002",
         ]
@@ -72,6 +76,7 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
         ("first", build_demo.FIRST_DATA),
         ("final", build_demo.FINAL_DATA),
         ("captions", build_demo.CAPTION_DATA),
+        ("multi", build_demo.MULTI_DATA),
     ]
     assert len(done.pretrain_calls) == 1
     scale = build_demo.ENCODER_LR_SCALE
@@ -92,6 +97,7 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
         ("final", str(out), scale, polish, "5"),
         ("final", str(out), scale, polish * build_demo.POLISH_LR_SCALE, "6"),
         ("captions", str(out), scale, polish, "7"),
+        ("multi", str(out), scale, polish, "8"),
     ]
 
 

@@ -97,7 +97,7 @@ def test_confidence_ranks_right_boxes_above_wrong_ones(demo):
                 truth = [obj.box for obj in scene.objects if query.matches(obj)]
                 for obj, confidence in zip(objects(pieces), object_confidences(pieces, scores, demo.tokenizer)):
                     iou = box_ious([obj.box], truth).max() if truth else 0.0
-                    right.append(obj.label == query.label and iou >= 0.5)
+                    right.append(obj.label == query.targets[0].label and iou >= 0.5)
                     score.append(confidence.score)
     right, score = np.asarray(right), np.asarray(score)
     auroc = _auroc(right, score)

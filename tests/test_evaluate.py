@@ -71,6 +71,16 @@ def test_wrong_labels_duplicates_and_boxes_for_absent_things_are_extra():
     assert total.figures() == {"detection_found": 1.0, "detection_extra": 0.5, "detection_box_iou": 1.0}
 
 
+def test_a_two_object_prompt_counts_each_objects_box_under_its_own_label():
+    prompt = "detect red circle ; square"
+    perfect = evaluate.score_detection(SCENE, prompt, tasks.answer(SCENE, prompt))
+    assert (perfect.truth, perfect.predicted, perfect.matched) == (2, 2, 2)
+    only_first = evaluate.score_detection(SCENE, prompt, _box_text("red circle", (10, 10, 60, 60)))
+    assert only_first.figures()["detection_found"] == 0.5
+    swapped = join_objects([_box_text("square", (10, 10, 60, 60)), _box_text("red circle", (160, 20, 210, 70))])
+    assert evaluate.score_detection(SCENE, prompt, swapped).figures()["detection_extra"] == 1.0
+
+
 def test_segmentation_iou_perfect_shifted_empty_and_negative(shipped):
     vqvae, decoder = shipped
     codes = seg_codes_of(SCENE, vqvae)
@@ -115,14 +125,15 @@ def _oracle(seed, num_scenes, vqvae=None):
 def test_perfect_model_meets_every_target(shipped):
     vqvae, decoder = shipped
     generate_fn, batch_sizes = _oracle(seed=21, num_scenes=6, vqvae=vqvae)
-    figures = evaluate.evaluate_model(generate_fn, num_scenes=6, seed=21, mask_decoder=decoder, batch_size=8)
+    mix = tasks.TaskMix(multi_detect=1, multi_segment=1)  # two-object prompts too
+    figures = evaluate.evaluate_model(generate_fn, num_scenes=6, seed=21, mask_decoder=decoder, mix=mix, batch_size=8)
     assert max(batch_sizes) == 8 and sum(batch_sizes) == figures["prompts"]
-    assert figures["segmentation_mask_iou"] > 0.95
-    assert {
-        key: figures[key] for key in ("detection_found", "detection_extra", "answer_accuracy", "caption_accuracy")
-    } == {
+    assert figures["segmentation_mask_iou"] > 0.95 and figures["multi_segmentation_mask_iou"] > 0.95
+    keys = ("detection_found", "detection_extra", "multi_detection_found", "answer_accuracy", "caption_accuracy")
+    assert {key: figures[key] for key in keys} == {
         "detection_found": 1.0,
         "detection_extra": 0.0,
+        "multi_detection_found": 1.0,
         "answer_accuracy": 1.0,
         "caption_accuracy": 1.0,
     }

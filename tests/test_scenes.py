@@ -124,6 +124,13 @@ TWO_CIRCLES = generate.compose_scene(
             "<loc0046><loc0046><loc0274><loc0274> circle ; <loc0457><loc0457><loc0686><loc0686> circle",
         ),
         (TWO_CIRCLES, "detect triangle", ""),
+        (
+            HAND_BUILT,
+            "detect square ; red circle",
+            "<loc0091><loc0549><loc0366><loc0823> square ; <loc0137><loc0046><loc0366><loc0274> red circle",
+        ),
+        (HAND_BUILT, "detect blue circle ; square", "<loc0091><loc0549><loc0366><loc0823> square"),
+        (HAND_BUILT, "detect blue circle ; green square", ""),
         (HAND_BUILT, "answer en how many shapes are there?", "3"),
         (TWO_CIRCLES, "answer en how many shapes are there?", "2"),
         (HAND_BUILT, "answer en what color is the triangle?", "green"),
@@ -144,7 +151,34 @@ def test_segment_answers_put_the_objects_codes_after_its_box():
         tasks.answer(HAND_BUILT, "segment red circle")
 
 
-@pytest.mark.parametrize("prompt", ["detect dog", "caption fr", "segment circle", "answer en what color is it?"])
+def test_a_segment_prompt_naming_two_objects_answers_both_in_prompt_order():
+    codes = [[1] * 16, [2] * 16, [3] * 16]  # circle, triangle, square
+    text = tasks.answer(HAND_BUILT, "segment blue square ; red circle", codes)
+    assert text == (
+        "<loc0091><loc0549><loc0366><loc0823>" + "<seg003>" * 16 + " blue square ; "
+        "<loc0137><loc0046><loc0366><loc0274>" + "<seg001>" * 16 + " red circle"
+    )
+
+
+def test_prompts_naming_several_objects_parse_to_their_targets_in_order():
+    query = tasks.parse_prompt("detect red circle ; triangle ; blue square")
+    assert query.task == "multi_detect"
+    assert [t.label for t in query.targets] == ["red circle", "triangle", "blue square"]
+    assert tasks.parse_prompt("segment red circle ; blue square").task == "multi_segment"
+    assert tasks.parse_prompt("detect red circle").task == "detect"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "detect dog",
+        "caption fr",
+        "segment circle",
+        "answer en what color is it?",
+        "detect circle ;",
+        "segment red circle ; square",
+    ],
+)
 def test_unsupported_prompts_are_refused(prompt):
     with pytest.raises(ValueError, match="unsupported prompt"):
         tasks.parse_prompt(prompt)
@@ -171,6 +205,30 @@ def test_sampled_prompts_are_answerable_distinct_and_half_positive():
         positive["segment"].append(any(tasks.parse_prompt(p).matches(o) for p in segment for o in scene.objects))
     for task, flags in positive.items():
         assert 0.4 <= np.mean(flags) <= 0.6, task
+
+
+def test_sampled_multi_prompts_name_two_objects_no_object_can_match_twice():
+    rng = np.random.default_rng(1)
+    mix = tasks.TaskMix(caption=0, detect=0, segment=0, count=0, colour=0, yes_no=0, multi_detect=1, positive_rate=0.9)
+    drawn = 0
+    for scene in SCENES:
+        for prompt in tasks.sample_prompts(scene, rng, mix, with_segment=False):
+            query = tasks.parse_prompt(prompt)
+            assert query.task == "multi_detect" and len(query.targets) == 2
+            first, second = query.targets
+            assert not first.overlaps(second)
+            assert not any(first.matches(obj) and second.matches(obj) for obj in scene.objects)
+            drawn += 1
+    assert drawn == len(SCENES)
+
+
+def test_adding_multi_prompts_to_a_mix_keeps_the_other_prompts():
+    plain, with_multi = tasks.TaskMix(), tasks.TaskMix(multi_detect=1, multi_segment=1)
+    for index, scene in enumerate(SCENES):
+        before = tasks.sample_prompts(scene, np.random.default_rng([9, index]), plain)
+        after = tasks.sample_prompts(scene, np.random.default_rng([9, index]), with_multi)
+        assert after[: len(before)] == before
+        assert {tasks.parse_prompt(p).task for p in after[len(before) :]} <= {"multi_detect", "multi_segment"}
 
 
 def _random_vqvae():
