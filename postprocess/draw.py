@@ -128,15 +128,8 @@ def _fill_mask(canvas: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int], 
     window = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # work on the mask's bounding box only
     region, inside = canvas[window], mask[window]
     blended = cv2.addWeighted(region, 1 - MASK_ALPHA, np.full_like(region, rgb), MASK_ALPHA, 0)
-    core = cv2.erode(
-        inside.astype(np.uint8),
-        np.ones((3, 3), np.uint8),
-        iterations=stroke,
-        borderType=cv2.BORDER_CONSTANT,
-        borderValue=0,
-    )
     region[inside] = blended[inside]
-    region[inside & (core == 0)] = rgb
+    region[inside & ~_core(inside, stroke)] = rgb
 
 
 def annotated_image_value(
@@ -170,16 +163,21 @@ def _box_alpha(alpha: np.ndarray, box, stroke: int) -> np.ndarray:
 
 
 def _mask_alpha(mask: np.ndarray, stroke: int) -> np.ndarray:
-    core = cv2.erode(
+    alpha = np.where(mask, 1.0, 0.0).astype(np.float32)
+    alpha[_core(mask, stroke)] = MASK_ALPHA / PAGE_OPACITY
+    return alpha
+
+
+def _core(mask: np.ndarray, stroke: int) -> np.ndarray:
+    """bool [H, W]: the mask less its outline, `stroke` pixels wide (a mask touching the edge is outlined there)."""
+    eroded = cv2.erode(
         mask.astype(np.uint8),
         np.ones((3, 3), np.uint8),
         iterations=stroke,
         borderType=cv2.BORDER_CONSTANT,
         borderValue=0,
     )
-    alpha = np.where(mask, 1.0, 0.0).astype(np.float32)
-    alpha[core > 0] = MASK_ALPHA / PAGE_OPACITY
-    return alpha
+    return eroded > 0
 
 
 def highlighted_text_value(pieces: Iterable[Piece]) -> list[tuple[str, str | None]]:
