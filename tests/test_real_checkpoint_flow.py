@@ -31,6 +31,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID, GATED_ID = "org/taught-paligemma", "org/gated-paligemma"
 
 
+def _child_env(server: HubStandIn, tmp_path) -> dict[str, str]:
+    """The environment of a CLI child process whose huggingface_hub talks to `server`, without a token."""
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": server.url,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PALIGEMMA_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    env.pop("HF_TOKEN", None)
+    return env
+
+
 @pytest.fixture
 def in_process_hub(tmp_path, monkeypatch):
     """The stand-in for huggingface_hub in this process (whose endpoint was read at import), with isolated caches."""
@@ -88,14 +101,7 @@ def test_cli_downloads_fetches_the_mask_decoder_draws_a_mask_and_reruns_offline(
     with HubStandIn() as server:
         server.add_repo(REPO_ID, taught_hf_files)
         publish_mask_decoder(server, (taught_model_dir / "vae-oid.npz").read_bytes())
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": server.url,
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "PALIGEMMA_CACHE": str(tmp_path / "cache"),
-            "HF_HUB_OFFLINE": "0",
-        }
-        env.pop("HF_TOKEN", None)
+        env = _child_env(server, tmp_path)
         image = _detect_image()
         online, online_s = _predict(env, REPO_ID, image)
         assert online.returncode == 0, online.stderr[-3000:]
@@ -124,14 +130,7 @@ def test_cli_gives_the_gated_and_the_dropped_connection_messages(tmp_path, hf_re
         server.add_repo(GATED_ID, hf_repo_files, gated=True)
         server.add_repo(REPO_ID, hf_repo_files)
         server.cut_file("model.safetensors", after=1000, retries_to_kill=20)
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": server.url,
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "PALIGEMMA_CACHE": str(tmp_path / "cache"),
-            "HF_HUB_OFFLINE": "0",
-        }
-        env.pop("HF_TOKEN", None)
+        env = _child_env(server, tmp_path)
         image = str(tmp_path / "in.png")
         Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(image)
         gated, _ = _predict(env, GATED_ID, image)
