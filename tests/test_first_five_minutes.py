@@ -105,11 +105,24 @@ def _check_box(page, label, truth):
 
 
 def _set_tokens(page, tokens):
-    field = page.get_by_label("number input for Max new tokens")
-    field.fill(str(tokens))
-    field.press("Enter")
-    field.blur()
-    expect(page.get_by_label("range slider for Max new tokens")).to_have_value(str(tokens))  # the page took it
+    """Types the token limit and waits until the slider shows it. The Advanced section renders its fields as it
+    opens, and a field typed into while that happens can lose the value (CI saw the slider stay at 64), so the
+    typing is repeated a few times before the test gives up."""
+    field, slider = (
+        page.get_by_label("number input for Max new tokens"),
+        page.get_by_label("range slider for Max new tokens"),
+    )
+    for _ in range(3):
+        expect(field).to_be_editable()
+        field.fill(str(tokens))
+        field.press("Enter")
+        field.blur()
+        try:
+            expect(slider).to_have_value(str(tokens), timeout=2000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(tokens))  # the page took it
 
 
 def _overlay_color(page, label):
