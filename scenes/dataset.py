@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from scenes.generate import Scene, scene_for
-from scenes.tasks import DEFAULT_MIX, TASKS, TaskMix, answer, parse_prompt, sample_prompts
+from scenes.tasks import DEFAULT_MIX, SEGMENT_TASKS, TASKS, TaskMix, answer, parse_prompt, sample_prompts
 from scenes.vqvae_train import DECODER_FILE, ENCODER_DIR, ENCODER_FILE, Params, encode_masks, load_vqvae, mask_crop64
 
 IMAGE_DIR = "images"
@@ -38,7 +38,7 @@ def scene_lines(
     """The JSONL records of one scene: one per sampled prompt."""
     prompts = sample_prompts(scene, rng, mix, with_segment=vqvae_params is not None)
     codes = None
-    if any(parse_prompt(prompt).task == "segment" for prompt in prompts):
+    if any(parse_prompt(prompt).task in SEGMENT_TASKS for prompt in prompts):
         codes = seg_codes_of(scene, vqvae_params)
     return [{"image": image_path, "prefix": prompt, "suffix": answer(scene, prompt, codes)} for prompt in prompts]
 

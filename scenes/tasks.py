@@ -20,17 +20,19 @@ COUNT_PROMPT = "answer en how many shapes are there?"
 # The multi_ tasks name two or more objects ("detect red circle ; green triangle"); they come last so that
 # adding them to a mix leaves the prompts drawn for the other tasks unchanged.
 TASKS = ("caption", "detect", "segment", "count", "colour", "yes_no", "multi_detect", "multi_segment")
+SEGMENT_TASKS = ("segment", "multi_segment")  # the tasks whose answers carry each object's mask codes
 MULTI_SEPARATOR = " ; "  # between the objects a prompt names, as in the published detect/segment prompts
 
 _KIND = "|".join(KINDS)
 _COLOUR = "|".join(COLOURS)
 _ANY_TARGET = rf"(?:(?:{_COLOUR}) )?(?:{_KIND})"
 _COLOURED_TARGET = rf"(?:{_COLOUR}) (?:{_KIND})"
+_SEPARATOR = re.escape(MULTI_SEPARATOR)
 _PATTERNS = (
     ("caption", re.compile(re.escape(CAPTION_PROMPT))),
     ("count", re.compile(re.escape(COUNT_PROMPT))),
-    ("detect", re.compile(rf"detect (?P<targets>{_ANY_TARGET}(?: ; {_ANY_TARGET})*)")),
-    ("segment", re.compile(rf"segment (?P<targets>{_COLOURED_TARGET}(?: ; {_COLOURED_TARGET})*)")),
+    ("detect", re.compile(rf"detect (?P<targets>{_ANY_TARGET}(?:{_SEPARATOR}{_ANY_TARGET})*)")),
+    ("segment", re.compile(rf"segment (?P<targets>{_COLOURED_TARGET}(?:{_SEPARATOR}{_COLOURED_TARGET})*)")),
     ("colour", re.compile(rf"answer en what color is the (?P<targets>{_KIND})\?")),
     ("yes_no", re.compile(rf"answer en is there a (?P<targets>{_COLOURED_TARGET})\?")),
 )
@@ -116,7 +118,7 @@ def answer(scene: Scene, prompt: str, seg_codes: Sequence[Sequence[int]] | None 
         if len(same_kind) != 1:
             raise ValueError(f"{prompt!r} needs exactly one {target.kind} in the scene, found {len(same_kind)}")
         return same_kind[0].colour
-    segment = query.task in ("segment", "multi_segment")
+    segment = query.task in SEGMENT_TASKS
     if segment and seg_codes is None:
         raise ValueError("segment prompts need the objects' seg_codes (from a trained VQ-VAE encoder)")
     pieces = []
@@ -221,7 +223,7 @@ def sample_prompts(
     """Distinct prompts for one scene following `mix` (segment ones only if `with_segment`)."""
     prompts: list[str] = []
     for task in TASKS:
-        if task in ("segment", "multi_segment") and not with_segment:
+        if task in SEGMENT_TASKS and not with_segment:
             continue
         for _ in range(getattr(mix, task)):
             prompt = _draw_prompt(task, scene, rng, mix.positive_rate)

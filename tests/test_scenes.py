@@ -257,6 +257,16 @@ def test_dataset_lines_are_well_formed_and_correct(tmp_path):
         assert np.array_equal(image, scene.image)
 
 
+def test_a_mix_of_two_object_segment_prompts_alone_is_written_with_the_codes(tmp_path):
+    vqvae = _random_vqvae()
+    mix = tasks.TaskMix(caption=0, detect=0, segment=0, count=0, colour=0, yes_no=0, multi_segment=1)
+    dataset.write_dataset(tmp_path, num_scenes=3, seed=4, vqvae_params=vqvae, mix=mix, valid_fraction=0.0)
+    for line in _read_lines(tmp_path / "train.jsonl"):
+        assert tasks.parse_prompt(line["prefix"]).task == "multi_segment"
+        scene = generate.scene_for(4, int(line["image"][7:13]))
+        assert line["suffix"] == tasks.answer(scene, line["prefix"], dataset.seg_codes_of(scene, vqvae))
+
+
 def test_dataset_segment_lines_carry_the_encoders_codes(tmp_path):
     vqvae = _random_vqvae()
     mix = tasks.TaskMix(caption=0, detect=0, segment=1, count=0, colour=0, yes_no=0, positive_rate=1.0)
