@@ -167,9 +167,18 @@ def _blockwise_context(cfg: TextConfig, q, parts):
     return in_query_blocks(one_block, t, 3, QUERY_BLOCK).reshape(b, k_heads, rows, h)
 
 
-def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache, with_weights: bool):
-    """x [B, T, D] -> ([B, T, D] in the residual stream's dtype, (k, v) of the new tokens, each [B, K, T, H],
-    weights float32 [B, N, T, S] when the whole-sequence path computed them, else None)."""
+def _attention(cfg: TextConfig, p, x, positions, mask, cache_kv, index, with_weights: bool):
+    """x [B, T, D] -> ([B, T, D] in the residual stream's dtype, kv, weights float32 [B, N, T, S] when the
+    whole-sequence path computed them, else None).
+
+    Without a cache the queries see the new tokens (mask [B, T, T]) and kv is their (k, v), each [B, K, T, H].
+    With one (decode, T = 1), the new keys and values are written into it at `index`, kv is the written cache,
+    and mask [B, T, S] says which of its positions the queries see, the written ones included. They attend to
+    the written cache: the old one then has no reader after the write, so XLA updates the loop-carried cache in
+    place, where attending to the old cache made XLA copy every layer's cache twice per decode step. That holds
+    only when no axis of the cache is 1: with one row, or one kv head (Gemma 2B, PaliGemma 1), the attention
+    reads the cache through a reshape that drops the axis, XLA repeats the write for that reader and copies
+    four times. There the queries read the unwritten cache and the fed token beside it (two copies)."""
     b, t, d = x.shape
     k_heads, groups, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     q = apply_rope(_grouped_project(x, p["q_einsum"]["w"]), positions) * jnp.asarray(cfg.query_scale, x.dtype)
@@ -179,7 +188,15 @@ def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache,
     v = kv[1].transpose(1, 0, 2, 3)
     # [N, B, T, H] -> [B, K, G·T, H]: each kv head's query heads as rows of one matrix
     q = q.reshape(k_heads, groups, b, t, h).transpose(2, 0, 1, 3, 4).reshape(b, k_heads, groups * t, h)
-    parts = [(k, v, mask_new)] if cache_kv is None else [(*cache_kv, mask_cache), (k, v, mask_new)]
+    if cache_kv is None:
+        kv, parts = (k, v), [(k, v, mask)]
+    else:
+        kv = tuple(_write(c, n, index) for c, n in zip(cache_kv, (k, v)))
+        if b > 1 and k_heads > 1:
+            parts = [(*kv, mask)]
+        else:  # the unwritten cache without the fed slot, and the fed token beside it under one softmax
+            fed = jnp.arange(mask.shape[-1]) == jnp.reshape(index, (-1, 1, 1))  # [B or 1, 1, S]
+            parts = [(*cache_kv, mask & ~fed), (k, v, jnp.ones((b, t, t), bool))]
     if t > QUERY_BLOCK and not with_weights:
         ctx, probs = _blockwise_context(cfg, q, parts), None
     else:
@@ -189,7 +206,18 @@ def _attention(cfg: TextConfig, p, x, positions, mask_new, cache_kv, mask_cache,
     ctx = ctx.reshape(b, k_heads, groups, t, h).transpose(0, 3, 1, 2, 4).reshape(b * t, cfg.num_heads * h)
     # attn_vec_einsum [N, H, D] read as [N·H, D]
     out = _matmul(ctx, p["attn_vec_einsum"]["w"].reshape(cfg.num_heads * h, d), wide_dtype(x.dtype))
-    return out.reshape(b, t, d), (k, v), probs
+    return out.reshape(b, t, d), kv, probs
+
+
+def _write(cache, new, index):
+    """new [B, K, T, H] into cache [B, K, S, H] at sequence `index`: one int32 for every row, or int32[B], each
+    row at its own (one dynamic_update_slice per row, which XLA does in place where a scatter of all rows,
+    vmap's form, copied the whole cache)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=2)
+    for row in range(cache.shape[0]):
+        cache = jax.lax.dynamic_update_slice(cache, new[row : row + 1], (row, 0, index[row], 0))
+    return cache
 
 
 def _mlp(p, x):
@@ -204,10 +232,10 @@ def _mlp(p, x):
     return _matmul(hidden, p["linear"], wide_dtype(x.dtype)).reshape(b, t, -1)
 
 
-def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache, dtype, with_weights: bool):
+def _block(cfg: TextConfig, x, p, positions, mask, cache_kv, index, dtype, with_weights: bool):
     """x [B, T, D] is the residual stream; `dtype` the weights' float dtype, in which the matrices are fed."""
     h = rms_norm(x, p["pre_attention_norm"]["scale"], cfg.eps, dtype)
-    h, new_kv, weights = _attention(cfg, p["attn"], h, positions, mask_new, cache_kv, mask_cache, with_weights)
+    h, new_kv, weights = _attention(cfg, p["attn"], h, positions, mask, cache_kv, index, with_weights)
     if cfg.post_norms:
         h = rms_norm(h, p["post_attention_norm"]["scale"], cfg.eps)
     x = x + h
@@ -217,16 +245,16 @@ def _block(cfg: TextConfig, x, p, positions, mask_new, cache_kv, mask_cache, dty
     return x + h, new_kv, weights
 
 
-def run_layers(
-    params, cfg: TextConfig, x, positions, mask_new, cache=None, mask_cache=None, with_attention: bool = False
-):
+def run_layers(params, cfg: TextConfig, x, positions, mask, cache=None, index=None, with_attention: bool = False):
     """All decoder layers over x [B, T, D].
 
-    mask_new bool[B, T, T] says which new tokens each query sees; with a cache mask_cache bool[B, T, S] says
-    which cached positions it sees. Returns (hidden [B, T, D] after the final norm, the new tokens' keys and
-    values in the cache form of the layers: stacked [L, B, K, T, H] or per layer [B, K, T, H], and the
-    attention weights of every layer and head, float32 [L, B, N, T, S], when with_attention asks for them
-    (for training) else None).
+    Without a cache (prefill, training) mask bool[B, T, T] says which of the tokens each query sees, and the
+    second result is their keys and values in the cache form of the layers: stacked [L, B, K, T, H] or per
+    layer [B, K, T, H]. With one (decode), the tokens' keys and values are written into it at sequence `index`
+    (one int32, or int32[B] for a row each), mask bool[B, T, S] says which cache positions each query sees
+    (the written ones included), and the second result is the written cache. The third is the attention
+    weights of every layer and head, float32 [L, B, N, T, S], when with_attention asks for them (for training),
+    else None.
 
     x is the residual stream (embed_tokens' dtype); the hidden states come back in the weights' dtype.
     """
@@ -235,17 +263,8 @@ def run_layers(
     if isinstance(layers, list | tuple):
         new_kv, weights = [], []
         for i, layer_params in enumerate(layers):
-            x, kv, w = _block(
-                cfg,
-                x,
-                layer_params,
-                positions,
-                mask_new,
-                None if cache is None else cache[i],
-                mask_cache,
-                dtype,
-                with_attention,
-            )
+            layer_cache = None if cache is None else cache[i]
+            x, kv, w = _block(cfg, x, layer_params, positions, mask, layer_cache, index, dtype, with_attention)
             new_kv.append(kv)
             weights.append(w)
         weights = jnp.stack(weights) if with_attention else None
@@ -253,7 +272,7 @@ def run_layers(
 
         def body(x, layer):
             layer_params, layer_cache = layer
-            x, kv, w = _block(cfg, x, layer_params, positions, mask_new, layer_cache, mask_cache, dtype, with_attention)
+            x, kv, w = _block(cfg, x, layer_params, positions, mask, layer_cache, index, dtype, with_attention)
             return x, (kv, w if with_attention else None)
 
         x, (new_kv, weights) = jax.lax.scan(body, x, (layers, cache))
@@ -275,16 +294,6 @@ def cache_length(cache) -> int:
 def unstack_cache(cache):
     """A stacked cache (k, v each [L, ...]) as the per-layer list."""
     return [(k, v) for k, v in zip(*cache)]
-
-
-def write_cache(cache, new_kv, index):
-    """Writes the new tokens' keys/values (as run_layers returns them) into the cache at sequence `index`."""
-    if isinstance(cache, list):
-        return [
-            tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=2) for c, n in zip(kv, new))
-            for kv, new in zip(cache, new_kv)
-        ]
-    return tuple(jax.lax.dynamic_update_slice_in_dim(c, n, index, axis=3) for c, n in zip(cache, new_kv))
 
 
 def logits_from_hidden(params, cfg: TextConfig, x):

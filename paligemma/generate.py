@@ -181,11 +181,11 @@ def _record_scores(state, logits, token, step):
 
 
 def decode_step(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, prefix_end, step, max_new: int):
-    """Feeds token int32[B, 1], the (step-1)-th new token of each row, through the decoder without writing the
-    cache: (logits of the step-th [B, V], the fed token's keys and values, the cache index they belong at).
+    """Feeds token int32[B, 1], the (step-1)-th new token of each row, through the decoder: (logits of the
+    step-th token [B, V], the cache with the fed token's keys and values written).
 
-    step: one int32 for the whole batch (Generator) or int32[B], each row at its own step (slots.py); the cache
-    index then has the same shape."""
+    step: one int32 for the whole batch (Generator) or int32[B], each row at its own step (slots.py); the
+    token's cache index then has the same shape."""
     cache_len = gemma.cache_length(cache)
     generated_start = cache_len - max_new  # P + Tp
     index = generated_start + step - 1  # cache slot of the token being fed
@@ -193,18 +193,10 @@ def decode_step(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, pr
     positions = (prefix_end + step - 1)[:, None]
     slots = jnp.arange(cache_len)[None, None, :]
     fed = index if jnp.ndim(index) == 0 else index[:, None, None]
-    mask_cache = (slots < prefix_end[:, None, None]) | ((slots >= generated_start) & (slots < fed))
-    mask_new = jnp.ones((token.shape[0], 1, 1), bool)
-    hidden, new_kv, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask_new, cache, mask_cache)
+    mask = (slots < prefix_end[:, None, None]) | ((slots >= generated_start) & (slots <= fed))  # [B, 1, S]
+    hidden, cache, _ = gemma.run_layers(params["llm"], cfg.text, x, positions, mask, cache, index)
     logits = _mask_vocab(gemma.logits_from_hidden(params["llm"], cfg.text, hidden)[:, 0], valid_vocab)
-    return logits, new_kv, index
-
-
-def _next_logits(params, cfg: PaliGemmaConfig, valid_vocab: int, cache, token, prefix_end, step, max_new: int):
-    """decode_step for a batch at one step: (logits of the step-th token [B, V], the cache with the fed token's
-    keys and values written)."""
-    logits, new_kv, index = decode_step(params, cfg, valid_vocab, cache, token, prefix_end, step, max_new)
-    return logits, gemma.write_cache(cache, new_kv, index)
+    return logits, cache
 
 
 def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos_id: int, pad_id: int):
@@ -218,7 +210,7 @@ def _decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int, eos
     def body(s):
         step = s["step"]
         token = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)  # [B, 1]
-        logits, cache = _next_logits(params, cfg, valid_vocab, s["cache"], token, s["prefix_end"], step, max_new)
+        logits, cache = decode_step(params, cfg, valid_vocab, s["cache"], token, s["prefix_end"], step, max_new)
         nxt = sample(logits, s["kind_id"], s["value"], jax.random.fold_in(s["key"], step))
         nxt = jnp.where(s["done"], pad_id, nxt)
         s = {
@@ -276,7 +268,7 @@ def _beam_decode(params, state, limit, *, cfg: PaliGemmaConfig, valid_vocab: int
     max_new = state["tokens"].shape[1]
 
     def next_log_probs(cache, token, step):
-        logits, cache = _next_logits(params, cfg, valid_vocab, cache, token, state["prefix_end"], step, max_new)
+        logits, cache = decode_step(params, cfg, valid_vocab, cache, token, state["prefix_end"], step, max_new)
         return jax.nn.log_softmax(logits, axis=-1), cache
 
     return beam.search(state, limit, next_log_probs, eos_id)
