@@ -81,7 +81,7 @@ def write_dataset(
     return {"scenes": num_scenes, "lines": dict(lines_per_split), "tasks": dict(lines_per_task)}
 
 
-def parse_mix(text: str, positive_rate: float) -> TaskMix:
+def parse_mix(text: str, positive_rate: float, multi_positive_rate: float | None = None) -> TaskMix:
     """'detect=3,segment=2' → a TaskMix with those counts and the defaults elsewhere."""
     counts = {}
     for item in filter(None, text.split(",")):
@@ -89,7 +89,9 @@ def parse_mix(text: str, positive_rate: float) -> TaskMix:
         if task not in TASKS or not count.isdigit():
             raise ValueError(f"bad --mix item {item!r}; write TASK=COUNT with TASK in {', '.join(TASKS)}")
         counts[task] = int(count)
-    return dataclasses.replace(DEFAULT_MIX, positive_rate=positive_rate, **counts)
+    return dataclasses.replace(
+        DEFAULT_MIX, positive_rate=positive_rate, multi_positive_rate=multi_positive_rate, **counts
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,10 +105,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--mix", default="", help=f"prompts per scene, e.g. 'detect=3,segment=2' (tasks: {', '.join(TASKS)})"
     )
     parser.add_argument("--positive-rate", type=float, default=DEFAULT_MIX.positive_rate)
+    parser.add_argument(
+        "--multi-positive-rate", type=float, help="the multi_ prompts' own --positive-rate (default: the same)"
+    )
     parser.add_argument("--valid-fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
     try:
-        mix = parse_mix(args.mix, args.positive_rate)
+        mix = parse_mix(args.mix, args.positive_rate, args.multi_positive_rate)
         vqvae_params = load_vqvae(args.vqvae, args.vqvae_encoder) if args.vqvae else None
         summary = write_dataset(args.out, args.num_scenes, args.seed, vqvae_params, mix, args.valid_fraction)
     except ValueError as error:

@@ -145,13 +145,21 @@ class TaskMix:
     positive_rate: float = (
         0.5  # share of detect, segment and yes/no prompts (and of multi_ targets) naming something present
     )
+    multi_positive_rate: float | None = None  # the multi_ targets' own share, where it differs (None: positive_rate)
 
     def __post_init__(self):
         counts = [getattr(self, task) for task in TASKS]
         if any(count < 0 for count in counts):
             raise ValueError(f"task counts must be >= 0, got {dict(zip(TASKS, counts))}")
-        if not 0.0 <= self.positive_rate <= 1.0:
-            raise ValueError(f"positive_rate must lie in [0, 1], got {self.positive_rate}")
+        for name in ("positive_rate", "multi_positive_rate"):
+            rate = getattr(self, name)
+            if rate is not None and not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {rate}")
+
+    def rate_for(self, task: str) -> float:
+        """The share of `task`'s prompts (or targets) naming something present."""
+        multi = task.startswith("multi_") and self.multi_positive_rate is not None
+        return self.multi_positive_rate if multi else self.positive_rate
 
 
 DEFAULT_MIX = TaskMix()
@@ -226,7 +234,7 @@ def sample_prompts(
         if task in SEGMENT_TASKS and not with_segment:
             continue
         for _ in range(getattr(mix, task)):
-            prompt = _draw_prompt(task, scene, rng, mix.positive_rate)
+            prompt = _draw_prompt(task, scene, rng, mix.rate_for(task))
             if prompt is not None and prompt not in prompts:
                 prompts.append(prompt)
     return prompts

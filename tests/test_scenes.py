@@ -222,6 +222,24 @@ def test_sampled_multi_prompts_name_two_objects_no_object_can_match_twice():
     assert drawn == len(SCENES)
 
 
+def test_multi_prompts_can_have_their_own_share_of_present_targets():
+    """Single prompts mostly about present objects, two-object ones half the time: each target drawn at its rate."""
+    mix = tasks.TaskMix(
+        caption=0, count=0, colour=0, yes_no=0, multi_detect=1, positive_rate=0.95, multi_positive_rate=0.5
+    )
+    present = {"detect": [], "multi_detect": []}
+    for index, scene in enumerate(SCENES):
+        for prompt in tasks.sample_prompts(scene, np.random.default_rng([5, index]), mix, with_segment=False):
+            query = tasks.parse_prompt(prompt)
+            for target in query.targets:
+                present[query.task].append(any(target.matches(obj) for obj in scene.objects))
+    assert np.mean(present["detect"]) >= 0.9
+    assert 0.4 <= np.mean(present["multi_detect"]) <= 0.6
+    assert mix.rate_for("multi_segment") == 0.5 and mix.rate_for("segment") == 0.95
+    with pytest.raises(ValueError, match="multi_positive_rate"):
+        tasks.TaskMix(multi_positive_rate=1.5)
+
+
 def test_adding_multi_prompts_to_a_mix_keeps_the_other_prompts():
     plain, with_multi = tasks.TaskMix(), tasks.TaskMix(multi_detect=1, multi_segment=1)
     for index, scene in enumerate(SCENES):
