@@ -44,6 +44,7 @@ def build(tmp_path, out, monkeypatch):
 
 
 def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower_rate(tmp_path, out, build):
+    """...and the multi-object rounds train the decoder alone, at their own rate and length."""
     done = build(
         [
             "--data",
@@ -66,6 +67,8 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
             "multi",
             "--multi-rounds",
             "1",
+            "--multi-steps",
+            "300",
             "--lr",
             "0.002",
         ]
@@ -97,8 +100,9 @@ def test_rounds_freeze_the_encoder_until_the_tuning_rounds_and_polish_at_a_lower
         ("final", str(out), scale, polish, "5"),
         ("final", str(out), scale, polish * build_demo.POLISH_LR_SCALE, "6"),
         ("captions", str(out), scale, polish, "7"),
-        ("multi", str(out), scale, polish, "8"),
+        ("multi", str(out), 0.0, 0.002 * build_demo.MULTI_LR_SCALE, "8"),
     ]
+    assert [r["--steps"] for r in done.rounds] == ["2000"] * 8 + ["300"]  # the multi-object round has its own
 
 
 def test_the_later_datasets_are_written_only_when_a_round_uses_them(build):

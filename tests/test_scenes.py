@@ -240,6 +240,15 @@ def test_multi_prompts_can_have_their_own_share_of_present_targets():
         tasks.TaskMix(multi_positive_rate=1.5)
 
 
+def test_mix_strings_set_counts_and_rates_and_refuse_unknown_tasks():
+    mix = dataset.parse_mix("detect=3,multi_detect=2", 0.93, 0.5)
+    assert (mix.detect, mix.multi_detect, mix.caption) == (3, 2, tasks.DEFAULT_MIX.caption)
+    assert (mix.rate_for("detect"), mix.rate_for("multi_detect")) == (0.93, 0.5)
+    assert dataset.parse_mix("", 0.8).rate_for("multi_segment") == 0.8
+    with pytest.raises(ValueError, match="bad --mix item 'dance=1'"):
+        dataset.parse_mix("dance=1", 0.5)
+
+
 def test_adding_multi_prompts_to_a_mix_keeps_the_other_prompts():
     plain, with_multi = tasks.TaskMix(), tasks.TaskMix(multi_detect=1, multi_segment=1)
     for index, scene in enumerate(SCENES):
