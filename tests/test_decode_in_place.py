@@ -26,25 +26,24 @@ def _cache_copies(hlo: str, shape: tuple[int, ...]) -> list[str]:
     return [line for line in arrays if re.search(rf"= {dims}\S* copy\(", line)]
 
 
+def _generator_decode(model, rows: int) -> tuple[str, tuple[int, ...]]:
+    """Runs `rows` greedy prompts: (the optimised HLO of the decode loop that served them, one cache array's shape)."""
+    model.generate_batch([IMAGE] * rows, ["caption en"] * rows, max_new_tokens=16)
+    (_, prompt, max_new, _, _), (_, decode) = next(
+        (key, fns) for key, fns in model._generator._compiled.items() if key[0] == rows and not key[3]
+    )
+    text = model.config.text
+    return decode.as_text(), (rows, text.num_kv_heads, model.config.num_image_tokens + prompt + max_new, text.head_dim)
+
+
 @pytest.mark.parametrize("rows", [2, 4])
 def test_the_generator_decode_loop_copies_no_cache(tiny_model, rows):
-    tiny_model.generate_batch([IMAGE] * rows, ["caption en"] * rows, max_new_tokens=16)
-    (_, prompt, max_new, _, _), (_, decode) = next(
-        (key, fns) for key, fns in tiny_model._generator._compiled.items() if key[0] == rows and not key[3]
-    )
-    text = tiny_model.config.text
-    shape = (rows, text.num_kv_heads, tiny_model.config.num_image_tokens + prompt + max_new, text.head_dim)
-    assert _cache_copies(decode.as_text(), shape) == []
+    assert _cache_copies(*_generator_decode(tiny_model, rows)) == []
 
 
 def test_one_row_keeps_to_two_copies_of_each_cache_array(tiny_model):
-    tiny_model.generate(IMAGE, "caption en", max_new_tokens=16)
-    (_, prompt, max_new, _, _), (_, decode) = next(
-        (key, fns) for key, fns in tiny_model._generator._compiled.items() if key[0] == 1 and not key[3]
-    )
-    text = tiny_model.config.text
-    shape = (1, text.num_kv_heads, tiny_model.config.num_image_tokens + prompt + max_new, text.head_dim)
-    assert len(_cache_copies(decode.as_text(), shape)) <= 2 * 2 * text.depth  # k and v of each layer, twice
+    copies = _cache_copies(*_generator_decode(tiny_model, 1))
+    assert len(copies) <= 2 * 2 * tiny_model.config.text.depth  # k and v of each layer, twice
 
 
 def test_the_slot_engine_decode_loop_copies_no_cache(tiny_model):
