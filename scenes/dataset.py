@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,17 +82,21 @@ def write_dataset(
     return {"scenes": num_scenes, "lines": dict(lines_per_split), "tasks": dict(lines_per_task)}
 
 
-def parse_mix(text: str, positive_rate: float, multi_positive_rate: float | None = None) -> TaskMix:
-    """'detect=3,segment=2' → a TaskMix with those counts and the defaults elsewhere."""
-    counts = {}
+def parse_mix(text: str, positive_rate: float) -> TaskMix:
+    """'detect=3,yes_no=1@0.5' → a TaskMix with those counts (and a task's own positive rate after @), the
+    defaults elsewhere."""
+    counts, rates = {}, []
     for item in filter(None, text.split(",")):
-        task, _, count = item.partition("=")
-        if task not in TASKS or not count.isdigit():
-            raise ValueError(f"bad --mix item {item!r}; write TASK=COUNT with TASK in {', '.join(TASKS)}")
-        counts[task] = int(count)
-    return dataclasses.replace(
-        DEFAULT_MIX, positive_rate=positive_rate, multi_positive_rate=multi_positive_rate, **counts
-    )
+        found = re.fullmatch(r"(\w+)=(\d+)(?:@(\d*\.?\d+))?", item)
+        if not found or found[1] not in TASKS or float(found[3] or 0) > 1:
+            raise ValueError(
+                f"bad --mix item {item!r}; write TASK=COUNT or TASK=COUNT@RATE (RATE in [0, 1]) with TASK in "
+                + ", ".join(TASKS)
+            )
+        counts[found[1]] = int(found[2])
+        if found[3]:
+            rates.append((found[1], float(found[3])))
+    return dataclasses.replace(DEFAULT_MIX, positive_rate=positive_rate, task_rates=tuple(rates), **counts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -102,16 +107,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vqvae", help=f"folder with the VQ-VAE's {DECODER_FILE}; without it, no segment prompts")
     parser.add_argument("--vqvae-encoder", default=ENCODER_DIR, help=f"folder with the VQ-VAE's {ENCODER_FILE}")
     parser.add_argument(
-        "--mix", default="", help=f"prompts per scene, e.g. 'detect=3,segment=2' (tasks: {', '.join(TASKS)})"
+        "--mix",
+        default="",
+        help="prompts per scene, e.g. 'detect=3,yes_no=1@0.5' (@: that task's own --positive-rate); tasks: "
+        + ", ".join(TASKS),
     )
     parser.add_argument("--positive-rate", type=float, default=DEFAULT_MIX.positive_rate)
-    parser.add_argument(
-        "--multi-positive-rate", type=float, help="the multi_ prompts' own --positive-rate (default: the same)"
-    )
     parser.add_argument("--valid-fraction", type=float, default=0.1)
     args = parser.parse_args(argv)
     try:
-        mix = parse_mix(args.mix, args.positive_rate, args.multi_positive_rate)
+        mix = parse_mix(args.mix, args.positive_rate)
         vqvae_params = load_vqvae(args.vqvae, args.vqvae_encoder) if args.vqvae else None
         summary = write_dataset(args.out, args.num_scenes, args.seed, vqvae_params, mix, args.valid_fraction)
     except ValueError as error:

@@ -145,21 +145,21 @@ class TaskMix:
     positive_rate: float = (
         0.5  # share of detect, segment and yes/no prompts (and of multi_ targets) naming something present
     )
-    multi_positive_rate: float | None = None  # the multi_ targets' own share, where it differs (None: positive_rate)
+    task_rates: tuple[tuple[str, float], ...] = ()  # (task, its own share) where it differs from positive_rate
 
     def __post_init__(self):
         counts = [getattr(self, task) for task in TASKS]
         if any(count < 0 for count in counts):
             raise ValueError(f"task counts must be >= 0, got {dict(zip(TASKS, counts))}")
-        for name in ("positive_rate", "multi_positive_rate"):
-            rate = getattr(self, name)
-            if rate is not None and not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {rate}")
+        for name, rate in (("positive_rate", self.positive_rate), *self.task_rates):
+            if name != "positive_rate" and name not in TASKS:
+                raise ValueError(f"task_rates names {name!r}, not a task ({', '.join(TASKS)})")
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name}'s positive rate must lie in [0, 1], got {rate}")
 
     def rate_for(self, task: str) -> float:
         """The share of `task`'s prompts (or targets) naming something present."""
-        multi = task.startswith("multi_") and self.multi_positive_rate is not None
-        return self.multi_positive_rate if multi else self.positive_rate
+        return dict(self.task_rates).get(task, self.positive_rate)
 
 
 DEFAULT_MIX = TaskMix()

@@ -131,6 +131,19 @@ def test_the_later_datasets_are_written_only_when_a_round_uses_them(build):
     assert [r["--data"] for r in done.rounds] == ["first"]
 
 
+def test_a_multi_object_round_from_the_shipped_model_writes_only_its_own_data(tmp_path, build):
+    """The further round the shipped model takes: no pretraining, no other dataset, started from --work."""
+    shipped = tmp_path / "encoder"
+    shipped.mkdir()
+    (shipped / "model.npz").write_bytes(b"")
+    zero = ["--rounds", "0", "--final-rounds", "0", "--tuning-rounds", "0", "--polish-rounds", "0"]
+    done = build([*zero, "--caption-rounds", "0", "--multi-rounds", "1", "--multi-data", "multi"])
+    assert done.status == 0
+    assert done.datasets == [("multi", build_demo.MULTI_DATA)]
+    assert done.pretrain_calls == []
+    assert [(r["--data"], r["--init"], r["--steps"]) for r in done.rounds] == [("multi", str(shipped), "3600")]
+
+
 def test_a_failed_round_stops_the_build(build):
     done = build([], train_status=2)
     assert done.status == 2

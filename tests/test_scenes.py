@@ -222,10 +222,10 @@ def test_sampled_multi_prompts_name_two_objects_no_object_can_match_twice():
     assert drawn == len(SCENES)
 
 
-def test_multi_prompts_can_have_their_own_share_of_present_targets():
+def test_a_task_can_have_its_own_share_of_present_targets():
     """Single prompts mostly about present objects, two-object ones half the time: each target drawn at its rate."""
     mix = tasks.TaskMix(
-        caption=0, count=0, colour=0, yes_no=0, multi_detect=1, positive_rate=0.95, multi_positive_rate=0.5
+        caption=0, count=0, colour=0, yes_no=0, multi_detect=1, positive_rate=0.95, task_rates=(("multi_detect", 0.5),)
     )
     present = {"detect": [], "multi_detect": []}
     for index, scene in enumerate(SCENES):
@@ -235,18 +235,21 @@ def test_multi_prompts_can_have_their_own_share_of_present_targets():
                 present[query.task].append(any(target.matches(obj) for obj in scene.objects))
     assert np.mean(present["detect"]) >= 0.9
     assert 0.4 <= np.mean(present["multi_detect"]) <= 0.6
-    assert mix.rate_for("multi_segment") == 0.5 and mix.rate_for("segment") == 0.95
-    with pytest.raises(ValueError, match="multi_positive_rate"):
-        tasks.TaskMix(multi_positive_rate=1.5)
+    assert mix.rate_for("multi_segment") == 0.95 and mix.rate_for("multi_detect") == 0.5
+    with pytest.raises(ValueError, match="yes_no's positive rate must lie in"):
+        tasks.TaskMix(task_rates=(("yes_no", 1.5),))
+    with pytest.raises(ValueError, match="'dance', not a task"):
+        tasks.TaskMix(task_rates=(("dance", 0.5),))
 
 
 def test_mix_strings_set_counts_and_rates_and_refuse_unknown_tasks():
-    mix = dataset.parse_mix("detect=3,multi_detect=2", 0.93, 0.5)
-    assert (mix.detect, mix.multi_detect, mix.caption) == (3, 2, tasks.DEFAULT_MIX.caption)
-    assert (mix.rate_for("detect"), mix.rate_for("multi_detect")) == (0.93, 0.5)
+    mix = dataset.parse_mix("detect=3,multi_detect=2@0.5,yes_no=1@.25", 0.93)
+    assert (mix.detect, mix.multi_detect, mix.yes_no, mix.caption) == (3, 2, 1, tasks.DEFAULT_MIX.caption)
+    assert [mix.rate_for(task) for task in ("detect", "multi_detect", "yes_no", "segment")] == [0.93, 0.5, 0.25, 0.93]
     assert dataset.parse_mix("", 0.8).rate_for("multi_segment") == 0.8
-    with pytest.raises(ValueError, match="bad --mix item 'dance=1'"):
-        dataset.parse_mix("dance=1", 0.5)
+    for bad in ("dance=1", "detect=x", "detect=1@", "detect=1@2", "detect=1@0.5.5"):
+        with pytest.raises(ValueError, match=f"bad --mix item '{bad}'"):
+            dataset.parse_mix(bad, 0.5)
 
 
 def test_adding_multi_prompts_to_a_mix_keeps_the_other_prompts():
