@@ -1,10 +1,12 @@
 """Full-size PaliGemma-3B-224 with random weights: load time, peak memory, compile, prefill and decode.
 
-    python -m bench.checkpoint_3b [--dir /tmp/paligemma-3b-224] [--decode-tokens 16]    # from the repository root
+    python -m bench.checkpoint_3b [--dir /tmp/paligemma-3b-224] [--decode-tokens 16] [--cases npz-f32:float32,...]
 
-Writes the checkpoint once in each published format (a transformers `save_pretrained` folder, a big_vision
-.npz in float32 and in bfloat16) and then measures each (format, dtype) in a fresh process, so peak RSS is
-that load's own. Prints one JSON line per case and a table.
+Writes the checkpoint once in each published format the cases read (a transformers `save_pretrained` folder, a
+big_vision .npz in float32 and in bfloat16) and then measures each (format, dtype) in a fresh process, so peak
+RSS is that load's own. `int8` is weight-only int8 decoder matrices quantised at load (load(dtype="int8")), to
+set against float32 from the same file in the same run. Prints one JSON line per case and a table with each
+case's decode speed over the first case's.
 """
 
 from __future__ import annotations
@@ -16,15 +18,24 @@ import subprocess
 import sys
 import time
 
+from bench.machine import cpu
 from bench.memory import peak_rss_gib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = [sys.executable, "-m", "bench.checkpoint_3b"]  # the measured subprocesses, run from ROOT
-CASES = [("npz-f32", "float32"), ("npz-bf16", "bfloat16"), ("hf", "float32"), ("hf", "bfloat16")]
+CASES = [
+    ("npz-f32", "float32"),
+    ("npz-f32", "int8"),
+    ("npz-bf16", "bfloat16"),
+    ("hf", "float32"),
+    ("hf", "bfloat16"),
+]
+NPZ_DTYPES = {"npz-f32": "float32", "npz-bf16": "bfloat16"}
 
 
-def write_checkpoints(folder: str) -> None:
-    """The HF folder from transformers (random init at the published shapes), then our .npz files from it."""
+def write_checkpoints(folder: str, formats: set[str]) -> None:
+    """The HF folder from transformers (random init at the published shapes), then those of our .npz files that
+    `formats` names, from it."""
     hf_dir = os.path.join(folder, "hf")
     if not os.path.isdir(hf_dir):
         import torch
@@ -67,9 +78,9 @@ def write_checkpoints(folder: str) -> None:
         del model
         texts = ["caption en", "detect cat", "a cat on a mat"] * 50
         paligemma.train_tokenizer(texts, os.path.join(hf_dir, "tokenizer"), text_pieces=64)
-    for name, dtype in (("npz-f32", "float32"), ("npz-bf16", "bfloat16")):
+    for name, dtype in NPZ_DTYPES.items():
         target = os.path.join(folder, name)
-        if not os.path.isdir(target):
+        if name in formats and not os.path.isdir(target):
             subprocess.run([*MODULE, "--write-npz", hf_dir, target, dtype], check=True, cwd=ROOT)
 
 
@@ -116,6 +127,14 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
     }
 
 
+def _cases(text: str) -> list[tuple[str, str]]:
+    cases = [tuple(item.split(":", 1)) for item in text.split(",")]
+    unknown = [case for case in cases if case not in CASES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown cases {unknown}; known: {CASES}")
+    return cases
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--write-npz":
         _write_npz(*sys.argv[2:5])
@@ -126,10 +145,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="/tmp/paligemma-3b-224")
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument(
+        "--cases",
+        type=_cases,
+        default=CASES,
+        help="FORMAT:DTYPE,... to measure, the first the reference (default: all, from "
+        + ",".join(f"{name}:{dtype}" for name, dtype in CASES)
+        + ")",
+    )
     args = parser.parse_args()
-    write_checkpoints(args.dir)
+    write_checkpoints(args.dir, {name for name, _ in args.cases})
+    print(json.dumps(cpu()), flush=True)
     rows = []
-    for name, dtype in CASES:
+    for name, dtype in args.cases:
         out = subprocess.run(
             [*MODULE, "--measure", os.path.join(args.dir, name), dtype, str(args.decode_tokens)],
             check=True,
@@ -138,6 +166,9 @@ def main() -> None:
             cwd=ROOT,
         )
         row = {"format": name, "dtype": dtype, **json.loads(out.stdout.strip().splitlines()[-1])}
+        row["decode_speed_over_first"] = (
+            round(rows[0]["decode_ms_per_token"] / row["decode_ms_per_token"], 2) if rows else 1.0
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
     keys = list(rows[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -94,10 +95,12 @@ def taught_model_dir_fixture(taught_model_dir):
 
 
 def write_registry(folder, taught_dir) -> str:
-    """A registry with the taught model (default), a broken local one and an unreachable Hub one."""
+    """A registry with the taught model (default), a broken local one (a sound tokenizer beside corrupt weights,
+    so that loading fails on the weights) and an unreachable Hub one."""
     broken = folder / "broken"
     broken.mkdir()
     (broken / "model.npz").write_bytes(b"these are not weights")
+    shutil.copy(os.path.join(taught_dir, "tokenizer.model"), broken / "tokenizer.model")
     registry = {
         "default": TAUGHT,
         "models": [

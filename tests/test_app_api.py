@@ -197,6 +197,7 @@ def test_a_bad_seed_gets_a_plain_message(client, seed):
 @pytest.mark.slow
 def test_a_cancelled_run_frees_its_slot_at_once(client):
     """A long sampled run, cancelled once its text streams: the next run starts within a second and answers."""
+    _run(client, "caption en")  # the next run's own compilation is not what this measures, alone or in the suite
     long = client.submit(
         handle_file(detect_example().image), "caption en", TAUGHT, HOT, paligemma.MAX_NEW_TOKENS, "3", api_name="/run"
     )
@@ -223,6 +224,7 @@ def test_a_page_that_leaves_mid_run_cancels_the_run_and_frees_its_slot(client, c
 
     import httpx
 
+    _run(client, "caption en")  # as above: the next run's compilation is done before the page leaves
     base = client.src.rstrip("/")
     config = httpx.get(f"{base}/config").json()
     fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "run")
@@ -299,7 +301,7 @@ def test_models_that_cannot_load_say_why_and_the_others_keep_serving(client, mon
     secret = "hf_thisMustNeverBeShown"
     monkeypatch.setenv("HF_TOKEN", secret)
     with caplog.at_level(logging.DEBUG):
-        with pytest.raises(AppError, match=f"{BROKEN}: .*(model.npz|tokenizer)"):  # what it lacks, whichever first
+        with pytest.raises(AppError, match=f"{BROKEN}: .*model.npz"):  # its weights, not its sound tokenizer
             _run(client, "caption en", model=BROKEN)
         with pytest.raises(AppError, match=UNREACHABLE_REPO) as unreachable:
             _run(client, "caption en", model=UNREACHABLE)
