@@ -89,7 +89,7 @@ def __getattr__(name: str):
 
 MAX_SEED = 2**63 - 1  # the largest seed jax.random.key takes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # load(dtype=NAME)
-INT8 = "int8"  # load(dtype="int8"): decoder matrices int8 with per-channel scales (quantize.py), the rest float
+INT8 = quantize.INT8  # load(dtype="int8"): decoder matrices int8, per-channel scales (quantize.py), the rest float
 DTYPE_NAMES = (*DTYPES, INT8)  # every dtype name load() accepts
 
 
@@ -270,8 +270,9 @@ def load(
     come from the argument, beside the weights, the cache, or where they are published (companions.py); a model
     without a mask decoder still detects, and `model.mask_decoder_note` says why masks are missing.
     dtype: None (by the device: float32 on CPU, bfloat16 where the hardware has it, float16 on older GPUs; see
-    devices.py), 'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices; the rest in the
-    device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly than float32).
+    devices.py), 'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer
+    by layer as they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8
+    more slowly than float32).
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     progress: called with (file name, bytes done, bytes total) while files download.
@@ -284,10 +285,10 @@ def load(
     if dtype is None or quantize_int8:
         dtype = default_dtype(targets[0] if targets else None)
     dtype = DTYPES.get(dtype, dtype)
-    dtype_name = jnp.dtype(dtype).name  # int8 loads in float first: the fit check counts that peak
+    need = {"dtype": INT8 if quantize_int8 else jnp.dtype(dtype).name, "float_dtype": jnp.dtype(dtype).name}
     source = os.fspath(source)
     if hub.is_repo_id(source):
-        memory_fit.check_fits(memory_fit.config_for_repo(source, progress=progress), dtype_name, devices=targets)
+        memory_fit.check_fits(memory_fit.config_for_repo(source, progress=progress), **need, devices=targets)
     weights = hub.weights_in(hub.resolve(source, progress=progress), source)
     folder = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
     tok = Tokenizer(companions.find_tokenizer(folder, tokenizer, progress=progress))
@@ -296,10 +297,8 @@ def load(
     except CompanionMissing as err:
         mask_decoder_path, note = None, str(err)
     tensors, cfg = checkpoint.read_checkpoint(weights)
-    memory_fit.check_fits(cfg, dtype_name, devices=targets)
-    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh)
-    if quantize_int8:
-        params = quantize.quantize_params(params, cfg)
+    memory_fit.check_fits(cfg, **need, devices=targets)
+    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path)
     model.mask_decoder_note = note
     return model

@@ -13,12 +13,13 @@ Hugging Face names and layouts come from hf_keys.py, which hf_export.py reads th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -26,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
-from . import hf_keys
+from . import hf_keys, quantize
 from . import sharding as sharding_lib
 from .config import CheckpointError, PaliGemmaConfig, config_from_shapes, overrides_from_hf_config
 from .cpu_memory import ALIGNMENT, aligned_empty
@@ -36,8 +37,17 @@ from .params import expected_shapes
 
 @dataclasses.dataclass(frozen=True)
 class LazyTensor:
+    """A tensor whose shape is known before its bytes are read. `per_layer`, where the format allows it, reads
+    a stacked leaf [L, ...] one layer at a time, so a consumer that transforms each layer (int8 quantisation)
+    never holds the whole leaf in float."""
+
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    per_layer: Callable[[], Iterator[np.ndarray]] | None = None
+
+    def layers(self) -> Iterator[np.ndarray]:
+        """The leaf's slices along axis 0, in order."""
+        return self.per_layer() if self.per_layer is not None else iter(self.load())
 
 
 # ---------------------------------------------------------------- big_vision .npz
@@ -64,12 +74,8 @@ def _numeric_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if dtype.kind == "V" and dtype.itemsize == 2 else dtype
 
 
-def _read_npy(f, name: str) -> np.ndarray:
-    """One .npy stream (positioned at its magic string) into an aligned array, chunk by chunk."""
-    shape, fortran_order, dtype = _read_npy_header(f)
-    if dtype.hasobject:
-        raise CheckpointError(f"tensor '{name}' holds Python objects; only numeric arrays are accepted (no pickles)")
-    out = aligned_empty(shape[::-1] if fortran_order else shape, _numeric_dtype(dtype))
+def _read_exactly(f, out: np.ndarray, name: str) -> np.ndarray:
+    """Fills `out` (C-contiguous) from the stream, chunk by chunk."""
     buffer = memoryview(out.reshape(-1).view(np.uint8))
     done = 0
     while done < len(buffer):
@@ -77,7 +83,33 @@ def _read_npy(f, name: str) -> np.ndarray:
         if not n:
             raise CheckpointError(f"tensor '{name}' ends after {done} of {len(buffer)} bytes (truncated file?)")
         done += n
+    return out
+
+
+def _checked_npy_header(f, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The header of a .npy stream, refusing pickled objects; leaves the stream at the data."""
+    shape, fortran_order, dtype = _read_npy_header(f)
+    if dtype.hasobject:
+        raise CheckpointError(f"tensor '{name}' holds Python objects; only numeric arrays are accepted (no pickles)")
+    return shape, fortran_order, _numeric_dtype(dtype)
+
+
+def _read_npy(f, name: str) -> np.ndarray:
+    """One .npy stream (positioned at its magic string) into an aligned array."""
+    shape, fortran_order, dtype = _checked_npy_header(f, name)
+    out = _read_exactly(f, aligned_empty(shape[::-1] if fortran_order else shape, dtype), name)
     return out.T if fortran_order else out
+
+
+def _read_npy_layers(f, name: str) -> Iterator[np.ndarray]:
+    """One .npy stream's slices along axis 0, each read into its own aligned array. A Fortran-ordered array's
+    slices are not contiguous in the file, so it is read whole first."""
+    shape, fortran_order, dtype = _checked_npy_header(f, name)
+    if fortran_order:
+        yield from _read_exactly(f, aligned_empty(shape[::-1], dtype), name).T
+        return
+    for i in range(shape[0]):
+        yield _read_exactly(f, aligned_empty(shape[1:], dtype), f"{name}[{i}]")
 
 
 def _npz_member_reader(path: str, archive: zipfile.ZipFile, member: str):
@@ -108,26 +140,34 @@ def read_npz(path: str) -> dict[str, LazyTensor]:
             f"{path} is not a readable big_vision .npz checkpoint (a zip of .npy arrays): {err}"
         ) from None
 
-    def loader(member, name):
-        def load():
-            try:
-                with _npz_member_reader(path, archive, member) as f:
-                    return _read_npy(f, name)
-            except CheckpointError as err:
-                raise CheckpointError(f"{path}: {err}") from None
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-                raise CheckpointError(
-                    f"{path}: tensor '{name}' could not be read (truncated or corrupt file?): {err}"
-                ) from None
+    @contextlib.contextmanager
+    def read_errors(name):
+        try:
+            yield
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' could not be read (truncated or corrupt file?): {err}"
+            ) from None
 
-        return load
+    def lazy(member, name):
+        def load():
+            with read_errors(name), _npz_member_reader(path, archive, member) as f:
+                return _read_npy(f, name)
+
+        def per_layer():
+            with read_errors(name), _npz_member_reader(path, archive, member) as f:
+                yield from _read_npy_layers(f, name)
+
+        return LazyTensor(_npz_member_shape(archive, member), load, per_layer)
 
     tensors = {}
     try:
         for member in archive.namelist():
             name = member[:-4] if member.endswith(".npy") else member
             key = name.removeprefix("params/")
-            tensors[key] = LazyTensor(_npz_member_shape(archive, member), loader(member, name))
+            tensors[key] = lazy(member, name)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise CheckpointError(f"{path}: could not read the array headers (truncated or corrupt file?): {err}") from None
     return _split_qkv(tensors)
@@ -143,8 +183,12 @@ def _split_qkv(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
         return tensors
     qkv = tensors.pop(_QKV)
     layers, _, heads, width, head_dim = qkv.shape
-    tensors[_Q] = LazyTensor((layers, heads, width, head_dim), lambda: qkv.load()[:, 0])
-    tensors[_KV] = LazyTensor((layers, 2, heads, width, head_dim), lambda: qkv.load()[:, 1:])
+    tensors[_Q] = LazyTensor(
+        (layers, heads, width, head_dim), lambda: qkv.load()[:, 0], lambda: (layer[0] for layer in qkv.layers())
+    )
+    tensors[_KV] = LazyTensor(
+        (layers, 2, heads, width, head_dim), lambda: qkv.load()[:, 1:], lambda: (layer[1:] for layer in qkv.layers())
+    )
     return tensors
 
 
@@ -294,25 +338,29 @@ def _stacked(layers: list[list[LazyTensor]], entry: hf_keys.Entry, heads: dict[s
     inner = entry.layout.shape_to_ours(first, heads)
     shape = (len(layers), len(entry.hf), *inner) if entry.pair else (len(layers), *inner)
 
+    def per_layer():
+        for layer in layers:
+            values = [entry.layout.to_ours(tensor.load(), heads) for tensor in layer]
+            yield np.stack(values) if entry.pair else values[0]
+
     def load():
         out = None
-        for i, layer in enumerate(layers):
-            for c, tensor in enumerate(layer):
-                value = entry.layout.to_ours(tensor.load(), heads)
-                if out is None:
-                    out = aligned_empty(shape, value.dtype)
-                out[(i, c) if entry.pair else i] = value
+        for i, value in enumerate(per_layer()):
+            if out is None:
+                out = aligned_empty(shape, value.dtype)
+            out[i] = value
         return out
 
-    return LazyTensor(shape, load)
+    return LazyTensor(shape, load, per_layer)
 
 
 # ---------------------------------------------------------------- shared: validate, cast, place
 
 
-def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, source: str, mesh=None):
+def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, source: str, mesh=None, int8=False):
     """Checks every expected leaf against the config, then reads, casts and places them one at a time
-    (on one device, or split over `mesh` as sharding.py says)."""
+    (on one device, or split over `mesh` as sharding.py says). int8: the decoder's layer matrices are
+    quantised as they are read, one layer at a time (quantize.py); everything else is `dtype`."""
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -323,12 +371,34 @@ def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, 
     shardings = sharding_lib.param_shardings(expected, mesh) if mesh is not None else {}
     flat = {}
     for key in expected:
+        if int8 and key in quantize.CONTRACTED_AXES:
+            flat[key] = _quantized(tensors[key], key, expected[key], dtype, source, mesh)
+            continue
         value = tensors[key].load()
         if tuple(value.shape) != expected[key]:
             raise CheckpointError(f"{source}: tensor '{key}' holds {value.shape}, its header said {expected[key]}")
         flat[key] = place(value, dtype, shardings.get(key))
         del value
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _quantized(tensor: LazyTensor, key: str, shape: tuple[int, ...], dtype, source: str, mesh):
+    """One stacked decoder matrix read layer by layer into int8 values and scales, placed like its float leaf."""
+
+    def checked_layers():
+        for layer in tensor.layers():
+            if tuple(layer.shape) != shape[1:]:
+                raise CheckpointError(f"{source}: a layer of '{key}' holds {layer.shape}, its header said {shape[1:]}")
+            yield layer
+
+    try:
+        values, scales = quantize.quantize_layers(checked_layers(), shape, quantize.CONTRACTED_AXES[key], dtype)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # a layer count that does not match the header
+        raise CheckpointError(f"{source}: tensor '{key}': {err}") from None
+    where = (lambda a: sharding_lib.param_sharding(key, a.shape, mesh)) if mesh is not None else (lambda a: None)
+    return quantize.int8_array(place(values, np.int8, where(values)), place(scales, dtype, where(scales)))
 
 
 def place(value: np.ndarray, dtype, sharding=None) -> jax.Array:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import PaliGemmaConfig
 from .params import expected_shapes
+from .quantize import CONTRACTED_AXES, INT8
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -49,8 +50,30 @@ def _dtype_bytes(dtype) -> int:
     return _DTYPE_BYTES[name]
 
 
-def weight_bytes(cfg: PaliGemmaConfig, dtype="bfloat16") -> int:
-    return sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * _dtype_bytes(dtype)
+def _float_name(float_dtype) -> str:
+    """The float dtype beside int8 layer matrices: as given, else what load() would pick on this machine."""
+    if float_dtype is None:
+        from .devices import default_dtype
+
+        float_dtype = default_dtype()
+    return float_dtype if isinstance(float_dtype, str) else np.dtype(float_dtype).name
+
+
+def weight_bytes(cfg: PaliGemmaConfig, dtype="bfloat16", float_dtype=None) -> int:
+    """dtype "int8": the decoder's layer matrices take a byte per weight plus a `float_dtype` scale per output
+    channel (quantize.py); the rest is `float_dtype`. Quantised while read, one layer at a time, so loading
+    never holds them in float."""
+    if dtype != INT8:
+        return sum(math.prod(shape) for shape in expected_shapes(cfg).values()) * _dtype_bytes(dtype)
+    float_bytes, total = _dtype_bytes(_float_name(float_dtype)), 0
+    for key, shape in expected_shapes(cfg).items():
+        contracted = CONTRACTED_AXES.get(key)
+        if contracted is None:
+            total += math.prod(shape) * float_bytes
+        else:
+            scales = math.prod(1 if a in contracted else n for a, n in enumerate(shape))
+            total += math.prod(shape) + scales * float_bytes
+    return total
 
 
 def kv_cache_bytes(cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, tokens: int | None = None) -> int:
@@ -60,9 +83,13 @@ def kv_cache_bytes(cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, token
     return 2 * t.depth * t.num_kv_heads * t.head_dim * tokens * batch * _dtype_bytes(dtype)
 
 
-def estimate(cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, tokens: int | None = None) -> Estimate:
+def estimate(
+    cfg: PaliGemmaConfig, dtype="bfloat16", batch: int = 1, tokens: int | None = None, float_dtype=None
+) -> Estimate:
+    """dtype: a float dtype, or "int8" with the rest (and the KV cache) in float_dtype (default: by device)."""
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    return Estimate(weight_bytes(cfg, name), kv_cache_bytes(cfg, name, batch, tokens), name)
+    cache_dtype = _float_name(float_dtype) if name == INT8 else name
+    return Estimate(weight_bytes(cfg, name, float_dtype), kv_cache_bytes(cfg, cache_dtype, batch, tokens), name)
 
 
 def free_bytes(devices=None) -> tuple[int, str]:
@@ -89,10 +116,11 @@ def check_fits(
     devices=None,
     free: int | None = None,
     where: str | None = None,
+    float_dtype=None,
 ) -> Estimate:
     """The estimate, or DoesNotFit naming the need, what is free and what would fit. `free`/`where` override
-    the measurement (for a planned machine, or a test)."""
-    need = estimate(cfg, dtype, batch, tokens)
+    the measurement (for a planned machine, or a test); float_dtype: beside int8 (see estimate)."""
+    need = estimate(cfg, dtype, batch, tokens, float_dtype)
     if free is None:
         free, measured = free_bytes(devices)
         where = where or measured
@@ -112,6 +140,10 @@ def _alternatives(cfg, need: Estimate, batch, tokens, free: int) -> str:
     half = estimate(cfg, "bfloat16", batch, tokens)
     if need.dtype == "float32" and half.total <= free:
         options.append(f"dtype bfloat16 ({format_bytes(half.total)})")
+    if need.dtype != INT8:
+        int8 = estimate(cfg, INT8, batch, tokens, need.dtype)
+        if int8.total <= free:
+            options.append(f"dtype int8 ({format_bytes(int8.total)}, {need.dtype} beside it)")
     if free > 0 and half.total > free:
         options.append(f"splitting it over {math.ceil(half.total / free)} such devices (devices=[...], bfloat16)")
     smaller = [

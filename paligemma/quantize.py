@@ -10,26 +10,33 @@ XLA fuse that into the matmul: on GPU and TPU a decode step then reads one byte 
 four. XLA's CPU backend does not fuse it: it writes the dequantised weight out first, so on CPU int8 decodes
 slower than float32 (see tests/test_int8.py and the figures in the issue notes); it is for accelerators.
 
+A checkpoint is quantised while it is read (checkpoint.materialize), one layer of one matrix at a time, so
+loading in int8 never holds a matrix in float: the peak is the int8 model plus one float layer, and a model
+that fits only in int8 (PaliGemma 2 10B on a 16 GB GPU) loads. memory_fit.py counts the int8 bytes.
+
 Only the decoder's layer matrices are quantised: the image encoder runs once per request, and the embedding
 table (also the logits' matrix) and the norms stay float.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .config import PaliGemmaConfig
-from .params import expected_shapes
+from .cpu_memory import aligned_empty
 
-# Decoder layer weights -> their contracted (input) axes, counting the stacked layer axis L as axis 0. Every
-# other axis gets its own scales (per output channel, per head, per layer).
+INT8 = "int8"  # the dtype name that asks for int8 layer matrices (paligemma.load, memory_fit)
+# Decoder layer weights (flat keys, as params.expected_shapes) -> their contracted (input) axes, counting the
+# stacked layer axis L as axis 0. Every other axis gets its own scales (per output channel, per head, per layer).
 CONTRACTED_AXES = {
-    ("attn", "q_einsum", "w"): (2,),  # [L, N, D, H]
-    ("attn", "kv_einsum", "w"): (3,),  # [L, C, K, D, H]
-    ("attn", "attn_vec_einsum", "w"): (1, 2),  # [L, N, H, D]
-    ("mlp", "gating_einsum"): (2,),  # [L, 2, D, F]
-    ("mlp", "linear"): (1,),  # [L, F, D]
+    "llm/layers/attn/q_einsum/w": (2,),  # [L, N, D, H]
+    "llm/layers/attn/kv_einsum/w": (3,),  # [L, C, K, D, H]
+    "llm/layers/attn/attn_vec_einsum/w": (1, 2),  # [L, N, H, D]
+    "llm/layers/mlp/gating_einsum": (2,),  # [L, 2, D, F]
+    "llm/layers/mlp/linear": (1,),  # [L, F, D]
 }
 
 
@@ -44,27 +51,29 @@ def is_quantized(w) -> bool:
     return not isinstance(w, jax.Array)
 
 
-def quantize_params(params, cfg: PaliGemmaConfig):
-    """Params with the decoder's stacked layer matrices as int8 QArrays (per-channel absmax scales in the
-    weights' float dtype); everything else is returned as it is. Generation reads either kind."""
+def quantize_layers(layers: Iterable[np.ndarray], shape: tuple[int, ...], contracted: tuple[int, ...], dtype):
+    """A stacked matrix [L, ...], given one float layer at a time, as host arrays: int8 values [L, ...] and
+    per-channel absmax scales in `dtype` (1 on the contracted axes). Quantising layer by layer keeps one
+    layer in float beside the int8 result, where quantising the loaded leaf held all of it in float."""
     qwix = _qwix()
-    layers = dict(params["llm"]["layers"])
-    shapes = expected_shapes(cfg)
-    for path, contracted in CONTRACTED_AXES.items():
-        parent, group = layers, layers
-        for name in path[:-1]:  # copies of the dicts on the way, so that `params` stays as it was
-            group = parent[name] = dict(parent[name])
-            parent = group
-        w = group[path[-1]]
-        expected = shapes["llm/layers/" + "/".join(path)]
-        if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or w.shape != expected:
-            raise ValueError(
-                f"llm/layers/{'/'.join(path)} should be a float array of shape {expected} to quantise, "
-                f"got {type(w).__name__} {getattr(w, 'dtype', '')} {w.shape}"
-            )
-        channels = tuple(a for a in range(w.ndim) if a not in contracted)
-        group[path[-1]] = qwix.quantize(w, jnp.int8, channelwise_axes=channels, scale_dtype=w.dtype)
-    return {**params, "llm": {**params["llm"], "layers": layers}}
+    channels = tuple(a - 1 for a in range(1, len(shape)) if a not in contracted)  # per layer: axis 0 is gone
+    values = aligned_empty(shape, np.int8)
+    scales = aligned_empty(tuple(1 if a in contracted else n for a, n in enumerate(shape)), dtype)
+    count = 0
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # the host holds the result anyway
+        for count, layer in enumerate(layers, 1):
+            if count > shape[0]:
+                break
+            q = qwix.quantize(jnp.asarray(layer, dtype), jnp.int8, channelwise_axes=channels, scale_dtype=dtype)
+            values[count - 1], scales[count - 1] = np.asarray(q.qvalue), np.asarray(q.scale)
+    if count != shape[0]:
+        raise ValueError(f"expected {shape[0]} layers of {shape[1:]}, got {'more' if count > shape[0] else count}")
+    return values, scales
+
+
+def int8_array(values: jax.Array, scales: jax.Array):
+    """The placed values and scales of quantize_layers as the array generation takes (a qwix QArray)."""
+    return _qwix().QArray(values, scales, None, jnp.int8)
 
 
 def dot_general(x, w, dimension_numbers, out_dtype=None):

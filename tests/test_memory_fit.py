@@ -54,6 +54,22 @@ def test_a_model_too_big_for_a_small_memory_is_refused_with_what_would_fit():
     assert "a smaller checkpoint: PaliGemma 2 10B (19.3 GB in bfloat16)" in str(refused.value)
 
 
+def test_int8_counts_a_byte_per_layer_matrix_weight_and_is_offered_where_float_does_not_fit():
+    """PaliGemma 2 10B (Gemma 2 9B: 42 layers, width 3584, 16 query and 8 kv heads of 256, MLP 14336) on a
+    16 GB T4, which runs float16: the decoder's layer matrices at a byte each, the rest at two."""
+    cfg = published.architecture(paligemma2("10b", 224))
+    per_layer = 16 * 3584 * 256 + 2 * 8 * 3584 * 256 + 16 * 256 * 3584 + 2 * 3584 * 14336 + 14336 * 3584
+    matrices, rest = 42 * per_layer, 9_662_409_456 - 42 * per_layer
+    estimate = memory_fit.estimate(cfg, "int8", float_dtype="float16")
+    assert estimate.dtype == "int8" and estimate.kv_cache == memory_fit.kv_cache_bytes(cfg, "float16")
+    assert 0 < estimate.weights - (matrices + 2 * rest) < 0.001 * estimate.weights  # + a scale per channel
+    with pytest.raises(memory_fit.DoesNotFit) as refused:
+        memory_fit.check_fits(cfg, "float16", free=int(16e9), where="this T4")
+    assert "needs about 19.5 GB in float16" in str(refused.value)
+    assert "dtype int8 (11.2 GB, float16 beside it)" in str(refused.value)
+    assert memory_fit.check_fits(cfg, "int8", free=int(16e9), float_dtype="float16") == estimate
+
+
 def test_fits_returns_the_estimate_and_measures_host_memory_on_cpu(monkeypatch):
     import psutil
 

@@ -224,6 +224,17 @@ def test_a_hub_model_that_does_not_fit_is_refused_before_its_weights_download(
     assert in_process_hub.gets_of("config.json") and not in_process_hub.gets_of("model.safetensors")
 
 
+def test_the_picker_sizes_an_int8_model_by_its_int8_bytes(tiny_model_dir, tmp_path):
+    models = [
+        {"name": "f32", "source": str(tiny_model_dir), "dtype": "float32"},
+        {"name": "q", "source": str(tiny_model_dir), "dtype": "int8"},
+    ]
+    manager = _manager(tmp_path, models, memory=lambda: 10**9)
+    float32, int8 = manager.requirements("f32"), manager.requirements("q")
+    assert int8["dtype"] == "int8" and "(int8) · fits" in int8["text"], int8
+    assert 0 < int8["memory_bytes"] < float32["memory_bytes"]
+
+
 def test_the_app_shows_and_refuses_a_model_that_does_not_fit(small_memory, tiny_model_dir, tmp_path):
     manager = _manager(tmp_path, [{"name": "tiny", "source": str(tiny_model_dir)}], memory=lambda: 1_000)
     size = manager.requirements("tiny")

@@ -1,5 +1,5 @@
 """Placement of the weights: on another device, or split over 2 and 4 devices (simulated on the CPU), a
-model generates the same greedy tokens as on the default device; which leaves are split; on one CPU device,
+model generates the same greedy tokens as on the default device (int8 too); which leaves are split; on one CPU device,
 loading adopts host buffers without a copy and generation reads each decoder layer in place through views of
 the stacked weights."""
 
@@ -44,6 +44,12 @@ for n, where in ((2, jax.devices()[:2]), (4, sharding.make_mesh())):  # a device
     report[str(n)] = {"tokens": tokens(model), "devices": devices_of(model), "name": model.device,
                       "q_heads_per_device": [s.data.shape[1] for s in q.addressable_shards],
                       "image_mlp_per_device": [s.data.shape[2] for s in mlp.addressable_shards]}
+int8_one = paligemma.load(folder, dtype="int8")
+int8_split = paligemma.load(folder, dtype="int8", devices=sharding.make_mesh())
+q = int8_split.params["llm"]["layers"]["attn"]["q_einsum"]["w"]
+report["int8"] = {"one": tokens(int8_one), "4": tokens(int8_split), "devices": devices_of(int8_split),
+                  "q_heads_per_device": [s.data.shape[1] for s in q.qvalue.addressable_shards],
+                  "q_scale_heads_per_device": [s.data.shape[1] for s in q.scale.addressable_shards]}
 print(json.dumps(report))
 """
 
@@ -75,6 +81,9 @@ def test_load_on_one_other_device_or_split_over_2_and_4_gives_one_device_tokens(
     assert report["2"]["q_heads_per_device"] == [2, 2]  # 4 query heads, 64-wide image MLP
     assert report["4"]["q_heads_per_device"] == [1, 1, 1, 1]
     assert report["4"]["image_mlp_per_device"] == [16] * 4
+    # int8 layer matrices are placed in shards as they are quantised: values and scales split by heads alike
+    assert report["int8"]["4"] == report["int8"]["one"] and report["int8"]["devices"] == [0, 1, 2, 3]
+    assert report["int8"]["q_heads_per_device"] == report["int8"]["q_scale_heads_per_device"] == [1, 1, 1, 1]
 
 
 @pytest.mark.parametrize(
