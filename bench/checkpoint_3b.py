@@ -4,9 +4,9 @@
 
 Writes the checkpoint once in each published format the cases read (a transformers `save_pretrained` folder, a
 big_vision .npz in float32 and in bfloat16) and then measures each (format, dtype) in a fresh process, so peak
-RSS is that load's own. `int8` is weight-only int8 decoder matrices quantised at load (load(dtype="int8")), to
-set against float32 from the same file in the same run. Prints one JSON line per case and a table with each
-case's decode speed over the first case's.
+RSS is that load's own. `int8` is weight-only int8 decoder matrices quantised layer by layer while read
+(load(dtype="int8")), to set against float32 from the same file in the same run. Prints one JSON line per case
+and a table with each case's decode speed over the first case's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ CASES = [
     ("npz-bf16", "bfloat16"),
     ("hf", "float32"),
     ("hf", "bfloat16"),
+    ("hf", "int8"),
 ]
 NPZ_DTYPES = {"npz-f32": "float32", "npz-bf16": "bfloat16"}
 

@@ -5,14 +5,16 @@ makes a QArray (int8 values + scales, a pytree that jit, lax.scan and slicing ca
 `qwix.dot_general` / `qwix.einsum` take it in place of a weight. Our model is pure functions over a param tree,
 so qwix's array-level API is all it needs (its flax-module interception is for nn.Module models).
 
-With float activations qwix dequantises the weight into the product (int8 -> float, times the scale) and lets
-XLA fuse that into the matmul: on GPU and TPU a decode step then reads one byte per weight instead of two or
-four. XLA's CPU backend does not fuse it: it writes the dequantised weight out first, so on CPU int8 decodes
-slower than float32 (see tests/test_int8.py and the figures in the issue notes); it is for accelerators.
+With float activations qwix dequantises the weight into the product (int8 -> float, times the scale), which
+XLA's GPU and TPU backends can fuse into the matmul, so that a decode step reads one byte per weight instead of
+two or four (not yet measured here: no accelerator has been lent to this project). XLA's CPU backend does not
+fuse it: it writes the dequantised weight out first, so on CPU int8 decodes slower than float32 (see
+bench/checkpoint_3b.py and the figures in the issue notes); it is for accelerators.
 
 A checkpoint is quantised while it is read (checkpoint.materialize), one layer of one matrix at a time, so
-loading in int8 never holds a matrix in float: the peak is the int8 model plus one float layer, and a model
-that fits only in int8 (PaliGemma 2 10B on a 16 GB GPU) loads. memory_fit.py counts the int8 bytes.
+loading in int8 never holds a matrix in float: the peak is the int8 model plus one float layer, and
+memory_fit.py counts the int8 bytes. Generation keeps the matrices stacked (cpu_memory.decode_params), so each
+layer is dequantised inside the layer scan and XLA cannot hoist float copies of them out of the decode loop.
 
 Only the decoder's layer matrices are quantised: the image encoder runs once per request, and the embedding
 table (also the logits' matrix) and the norms stay float.

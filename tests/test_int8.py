@@ -58,12 +58,17 @@ def test_layer_matrices_become_int8_with_per_channel_scales(demo, demo_int8):
     assert demo_int8.info()["dtype"] == "int8"
 
 
-def test_int8_decoder_layers_are_served_as_per_layer_views(demo_int8):
-    """The fast CPU decode path (cpu_memory.decode_params) also takes int8 values and their scales."""
+def test_the_decode_loop_keeps_the_layer_matrices_in_int8(demo_int8):
+    """Dequantised inside the loop, layer by layer: XLA must not make a float copy of every layer matrix before
+    the loop (it does when the layers are separate per-layer arrays, cpu_memory.decode_params)."""
     from paligemma.cpu_memory import decode_params
 
-    layers = decode_params(demo_int8.params)["llm"]["layers"]
-    assert isinstance(layers, list) and len(layers) == demo_int8.config.text.depth
+    assert decode_params(demo_int8.params) is demo_int8.params  # stacked: the layer scan slices them
+    demo_int8.generate(np.zeros((28, 28, 3), np.uint8), "caption en", max_new_tokens=8)
+    (_, decode) = next(fns for key, fns in demo_int8._generator._compiled.items() if key[0] == 1)
+    matrices = _flat(demo_int8.params)
+    float_bytes = sum(matrices[key].qvalue.size * 4 for key in CONTRACTED_AXES)
+    assert decode.memory_analysis().temp_size_in_bytes < float_bytes / 2
 
 
 def _sources(tmp_path, params, cfg) -> dict[str, str]:
