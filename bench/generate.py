@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from bench.machine import cpu
 from bench.memory import peak_rss_gib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,6 +330,7 @@ def main() -> None:
         json.dumps(
             {
                 "config": args.config,
+                **cpu(),
                 "threads": args.threads,
                 "new_tokens": args.new_tokens,
                 "repeats": args.repeats,
@@ -349,6 +351,7 @@ def main() -> None:
         print(json.dumps({"framework": framework, "batch": batch, **shown}), flush=True)
     table = ratios(rows, bandwidth)
     print(f"\n{args.config}: ours vs transformers (speedups > 1 mean ours is faster)")
+    print(json.dumps(cpu()))  # the table holds for this CPU kind only
     print("| measure | value | target |\n|---|---|---|")
     for name, value in table.items():
         target, where = TARGET_TEXT.get(name, ("", ()))
