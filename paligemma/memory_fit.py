@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import PaliGemmaConfig
 from .params import expected_shapes
-from .quantize import CONTRACTED_AXES, INT8
+from .quantize import CONTRACTED_AXES, INT8, scale_shape
 
 GB = 1e9
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -71,8 +71,7 @@ def weight_bytes(cfg: PaliGemmaConfig, dtype="bfloat16", float_dtype=None) -> in
         if contracted is None:
             total += math.prod(shape) * float_bytes
         else:
-            scales = math.prod(1 if a in contracted else n for a, n in enumerate(shape))
-            total += math.prod(shape) + scales * float_bytes
+            total += math.prod(shape) + math.prod(scale_shape(shape, contracted)) * float_bytes
     return total
 
 

@@ -53,6 +53,11 @@ def is_quantized(w) -> bool:
     return not isinstance(w, jax.Array)
 
 
+def scale_shape(shape: tuple[int, ...], contracted: tuple[int, ...]) -> tuple[int, ...]:
+    """The scales' shape of a stacked matrix: 1 on its contracted axes, one scale per index elsewhere."""
+    return tuple(1 if a in contracted else n for a, n in enumerate(shape))
+
+
 def quantize_layers(layers: Iterable[np.ndarray], shape: tuple[int, ...], contracted: tuple[int, ...], dtype):
     """A stacked matrix [L, ...], given one float layer at a time, as host arrays: int8 values [L, ...] and
     per-channel absmax scales in `dtype` (1 on the contracted axes). Quantising layer by layer keeps one
@@ -60,7 +65,7 @@ def quantize_layers(layers: Iterable[np.ndarray], shape: tuple[int, ...], contra
     qwix = _qwix()
     channels = tuple(a - 1 for a in range(1, len(shape)) if a not in contracted)  # per layer: axis 0 is gone
     values = aligned_empty(shape, np.int8)
-    scales = aligned_empty(tuple(1 if a in contracted else n for a, n in enumerate(shape)), dtype)
+    scales = aligned_empty(scale_shape(shape, contracted), dtype)
     count = 0
     with jax.default_device(jax.local_devices(backend="cpu")[0]):  # the host holds the result anyway
         for count, layer in enumerate(layers, 1):
