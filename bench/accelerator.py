@@ -43,8 +43,8 @@ if __name__ == "__main__" and not __package__:
     os.execve(sys.executable, command, {**os.environ, "PYTHONPATH": path})
 
 from bench.generate import PROMPT, common_prefix, memory_bandwidth_gbs, model_config, prepare, write_inputs  # noqa: E402
-from bench.machine import VECTOR_FLAGS, cpu  # noqa: E402
 from bench.memory import peak_rss_gib  # noqa: E402
+from paligemma.cpu_kind import VECTOR_FLAGS, cpu  # noqa: E402
 
 MODULE = [sys.executable, "-m", "bench.accelerator"]  # the measured subprocesses, run from ROOT
 TORCH_DEVICE = "cuda"  # where transformers runs (the test of that branch runs it on the CPU with CUDA's calls stubbed)
@@ -190,7 +190,7 @@ def measure_ours(folder: str, dtype: str, new_tokens: int, repeats: int, batches
     load_s = time.perf_counter() - start
     inputs = np.load(write_inputs(folder, model.config.image_size))  # transformers reads the same file next
     generator = paligemma.Generator(
-        model.params, model.config, valid_vocab=model.config.text.vocab_size, eos_id=-1, pad_id=0
+        model.params, model.config, model.config.text.vocab_size, eos_id=-1, pad_id=0, layer_views=model.layer_views
     )  # eos -1: every request decodes exactly new_tokens
     device = jax.devices()[0]
     rows = []

@@ -5,7 +5,8 @@
 Writes the checkpoint once in each published format the cases read (a transformers `save_pretrained` folder, a
 big_vision .npz in float32 and in bfloat16) and then measures each (format, dtype) in a fresh process, so peak
 RSS is that load's own. `int8` is weight-only int8 decoder matrices quantised layer by layer while read
-(load(dtype="int8")), to set against float32 from the same file in the same run. Prints one JSON line per case
+(load(dtype="int8")), to set against float32 from the same file in the same run; `auto` is load's default
+(dtype None: the form measured fastest on this CPU, bfloat16 included, cpu_forms.py). Prints one JSON line per case
 and a table with each case's decode speed over the first case's.
 """
 
@@ -18,13 +19,14 @@ import subprocess
 import sys
 import time
 
-from bench.machine import cpu
 from bench.memory import peak_rss_gib
+from paligemma.cpu_kind import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = [sys.executable, "-m", "bench.checkpoint_3b"]  # the measured subprocesses, run from ROOT
 CASES = [
     ("npz-f32", "float32"),
+    ("npz-f32", "auto"),
     ("npz-f32", "int8"),
     ("npz-bf16", "bfloat16"),
     ("hf", "float32"),
@@ -104,7 +106,7 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
 
     paligemma.enable_compile_cache()  # as the app and the CLI do
     start = time.perf_counter()
-    model = paligemma.load(source, dtype=dtype)
+    model = paligemma.load(source, dtype=None if dtype == "auto" else dtype)
     load_s = time.perf_counter() - start
     load_rss = peak_rss_gib()
     image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
@@ -128,6 +130,8 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
         "decode_ms_per_token": round(1000 * warm.timing.decode_s / max(warm.timing.new_tokens - 1, 1), 1),
         "new_tokens": warm.timing.new_tokens,
         "peak_rss_gib": round(peak_rss_gib(), 2),
+        "form": str(model.cpu_form.form) if model.cpu_form else None,  # measured at load (cpu_forms.py)
+        "form_measure_s": round(model.cpu_form.measure_s, 1) if model.cpu_form else None,
     }
 
 

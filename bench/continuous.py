@@ -30,7 +30,7 @@ from PIL import Image
 
 import paligemma
 from bench.generate import DEMO, TOKENIZER, model_config
-from bench.machine import cpu as machine
+from paligemma.cpu_kind import cpu as machine
 from playground import prompts
 from playground.batching import Batcher
 from playground.continuous import Scheduler

@@ -21,7 +21,7 @@ import time
 import jax
 
 import paligemma
-from bench.machine import cpu
+from paligemma.cpu_kind import cpu
 from paligemma.eval_data import read_examples
 from paligemma.evaluate import evaluate
 from scenes.dataset import write_dataset
@@ -35,7 +35,7 @@ SEED = 20261204
 
 
 def machine() -> dict:
-    """The CPU (bench.machine) and JAX's devices: printed with every table."""
+    """The CPU (paligemma.cpu_kind) and JAX's devices: printed with every table."""
     return {**cpu(), "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
 
 

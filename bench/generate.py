@@ -29,8 +29,8 @@ import subprocess
 import sys
 import time
 
-from bench.machine import cpu
 from bench.memory import peak_rss_gib
+from paligemma.cpu_kind import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = [sys.executable, "-m", "bench.generate"]  # the subprocesses that write and measure, run from ROOT
@@ -162,7 +162,9 @@ def measure_ours(folder: str, batch: int, new_tokens: int, repeats: int) -> dict
     rss_after_load = peak_rss_gib()
     vocab = model.config.text.vocab_size
     # eos -1: never stops early, so both frameworks decode the same number of tokens
-    generator = paligemma.Generator(model.params, model.config, valid_vocab=vocab, eos_id=-1, pad_id=0)
+    generator = paligemma.Generator(
+        model.params, model.config, valid_vocab=vocab, eos_id=-1, pad_id=0, layer_views=model.layer_views
+    )
     pixels = inputs["pixels"][:batch]
 
     def request(prompt: str):
@@ -189,6 +191,7 @@ def measure_ours(folder: str, batch: int, new_tokens: int, repeats: int) -> dict
         "weight_bytes": sum(x.nbytes for x in jax.tree.leaves(model.params)),
         "peak_rss_after_load_gib": rss_after_load,
         "tokens": warm[0][1][0].tolist(),
+        "cpu_form": model.cpu_form.describe() if model.cpu_form else None,
     }
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoint, companions, hub, memory_fit, quantize, sharding
+from . import checkpoint, companions, cpu_forms, hub, memory_fit, quantize, sharding
 from .checkpoint import load_params, save_npz
 from .companions import MASK_DECODER_NAME, NOT_WEIGHTS, TOKENIZER_NAMES, CompanionMissing
 from .compile_cache import enable as enable_compile_cache
@@ -118,6 +118,7 @@ class Model:
         tokenizer: Tokenizer,
         source: str = "",
         mask_decoder_path: str | None = None,
+        cpu_form: cpu_forms.Choice | None = None,
     ):
         if tokenizer.vocab_size > config.text.vocab_size:
             raise CheckpointError(
@@ -126,7 +127,16 @@ class Model:
             )
         self.params, self.config, self.tokenizer, self.source = params, config, tokenizer, source
         self.mask_decoder_path = mask_decoder_path
-        self._generator = Generator(params, config, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id)
+        self.cpu_form = cpu_form  # the measured choice of dtype and decode form on CPU (cpu_forms.py), if one was made
+        self._generator = Generator(
+            params, config, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id, layer_views=self.layer_views
+        )
+
+    @property
+    def layer_views(self) -> bool:
+        """Whether decoding runs on per-layer views of the weights where it can (on one CPU device): unless the
+        stacked form measured faster on this CPU. For Generators built on this model's params."""
+        return self.cpu_form is None or self.cpu_form.form.layer_views
 
     def replace_params(self, params) -> None:
         """Swaps in weights of the same shapes (e.g. while training), keeping the compiled functions."""
@@ -269,10 +279,12 @@ def load(
     DoesNotFit says the need, what is free and what would fit. The tokenizer and the mask decoder (`vae-oid.npz`)
     come from the argument, beside the weights, the cache, or where they are published (companions.py); a model
     without a mask decoder still detects, and `model.mask_decoder_note` says why masks are missing.
-    dtype: None (by the device: float32 on CPU, bfloat16 where the hardware has it, float16 on older GPUs; see
-    devices.py), 'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer
-    by layer as they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8
-    more slowly than float32).
+    dtype: None (by the device: bfloat16 where the hardware has it, float16 on older GPUs, see devices.py;
+    float32 on CPU, or for a large model bfloat16 where measured clearly faster on this CPU, see cpu_forms.py),
+    'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer by layer as
+    they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly
+    than float32). On one CPU device, a large model's decode form (per-layer views or stacked layers) is the one
+    measured faster here, in float32 or in bfloat16 as chosen; `model.cpu_form` holds the figures.
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     progress: called with (file name, bytes done, bytes total) while files download.
@@ -282,9 +294,9 @@ def load(
     quantize_int8 = dtype == INT8
     mesh = _mesh_for(devices)
     targets = list(mesh.devices.flat) if mesh is not None else None
-    if dtype is None or quantize_int8:
-        dtype = default_dtype(targets[0] if targets else None)
-    dtype = DTYPES.get(dtype, dtype)
+    target = targets[0] if targets else jax.devices()[0]
+    asked = None if dtype is None or quantize_int8 else jnp.dtype(DTYPES.get(dtype, dtype)).name
+    dtype = jnp.dtype(asked) if asked else default_dtype(target)
     need = {"dtype": INT8 if quantize_int8 else jnp.dtype(dtype).name, "float_dtype": jnp.dtype(dtype).name}
     source = os.fspath(source)
     if hub.is_repo_id(source):
@@ -298,7 +310,16 @@ def load(
         mask_decoder_path, note = None, str(err)
     tensors, cfg = checkpoint.read_checkpoint(weights)
     memory_fit.check_fits(cfg, **need, devices=targets)
+    cpu_form = None
+    if (
+        not quantize_int8
+        and len(targets or [target]) == 1
+        and asked in (None, "float32")
+        and cpu_forms.applies(cfg, target)
+    ):
+        cpu_form = cpu_forms.choose(cfg, asked)
+        dtype = jnp.dtype(cpu_form.form.dtype)
     params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)
-    model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path)
+    model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
     model.mask_decoder_note = note
     return model

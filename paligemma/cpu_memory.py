@@ -59,16 +59,17 @@ def layer_views(stacked) -> list[jax.Array] | None:
     return [jax.dlpack.from_dlpack(host[i], copy=False) for i in range(stacked.shape[0])]
 
 
-def decode_params(params):
+def decode_params(params, per_layer: bool = True):
     """The params the decode loop runs on: on CPU the decoder layers as a list of per-layer dicts of views of
-    the stacked arrays; elsewhere, where a view is impossible, or for int8 layers, the params as they are.
+    the stacked arrays; elsewhere, where a view is impossible, for int8 layers, or where per_layer is False
+    (the stacked form measured faster on this CPU, see cpu_forms.py), the params as they are.
 
     int8 layers stay stacked: as separate per-layer arrays their dequantisation does not depend on the step,
     and XLA hoists it out of the decode loop, so every layer's float copy is made before the loop and held
     through it (int8 then costs more memory than float32, and reads float per token). Stacked, each layer's
     dequantisation reads the layer scan's slice and stays inside the loop."""
     leaves, structure = jax.tree.flatten(params["llm"]["layers"])  # int8 layers flatten to values and scales
-    if any(leaf.dtype == np.int8 for leaf in leaves):
+    if not per_layer or any(leaf.dtype == np.int8 for leaf in leaves):
         return params
     views = [layer_views(leaf) for leaf in leaves]
     if not views or any(v is None for v in views):

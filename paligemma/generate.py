@@ -282,8 +282,11 @@ class Generator:
     replicated, the KV cache split by kv heads, and XLA partitions the rest.
     """
 
-    def __init__(self, params, cfg: PaliGemmaConfig, valid_vocab: int, eos_id: int, pad_id: int):
+    def __init__(
+        self, params, cfg: PaliGemmaConfig, valid_vocab: int, eos_id: int, pad_id: int, layer_views: bool = True
+    ):
         self.cfg = cfg
+        self._layer_views = layer_views
         self.params = params
         mesh = sharding.mesh_of(params)
         self._inputs_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -300,7 +303,7 @@ class Generator:
     def params(self, params) -> None:
         """Swaps weights (same shapes); the compiled functions stay."""
         self._params = params
-        self._decode_params = decode_params(params)
+        self._decode_params = decode_params(params, self._layer_views)
 
     @property
     def decode_params(self):

@@ -249,6 +249,8 @@ class ModelManager:
             else:
                 ready.load_s = time.monotonic() - start
                 log.info("model %r ready in %.1f s", entry.name, ready.load_s)
+                if ready.model.cpu_form is not None:
+                    log.info("model %r runs in %s", entry.name, ready.model.cpu_form.describe())
                 with self._lock:
                     self._ready[entry.name] = ready
                     self._failures.pop(entry.name, None)

@@ -1,7 +1,5 @@
-"""The machine a benchmark ran on, printed with every table: figures from one CPU kind say little of another.
-
-Standard library only, so that any benchmark (and the accelerator images, which lack some of our packages)
-can import it.
+"""The CPU this process runs on: printed with every benchmark table (figures from one CPU kind say little of
+another), and the key under which cpu_forms.py remembers the forms it measured. Standard library only.
 """
 
 from __future__ import annotations

@@ -1,0 +1,279 @@
+"""The float dtype and decode form of a large model on CPU, chosen at load from figures measured on this CPU.
+
+What is fast differs between CPU kinds. On AVX2 machines and AVX-512 ones without AMX, XLA multiplies a row by
+a float32 matrix near memory bandwidth and by a bfloat16 one several times more slowly; AMX tiles multiply
+bfloat16 natively, where half the bytes per weight could nearly halve a decode step. The per-layer weight views
+of cpu_memory.py beat the stacked layer scan on the machines measured so far, but that is a property of the
+machine too. So `choose` times each candidate form on two decoder layers at the model's own shapes (constant
+weights: the time of a product does not depend on its values, and the checkpoint is not read yet) and keeps
+the form with the shortest typical request. The pick and its figures are remembered per CPU kind (model, vector
+features, usable cores), JAX version and layer shapes in the compilation cache's folder (compile_cache.py), so a
+restarted app does not measure again; delete `cpu_forms.json` there to measure afresh.
+
+Only models whose decoder layer is at least MEASURE_MIN_LAYER_BYTES are measured: a small model's step is
+dominated by fixed per-step costs where the forms measure alike (and the demo model answers the same on every
+machine). bfloat16 changes the numbers (by its tolerance, as on accelerators), so it is taken only when the
+caller left the dtype open and it is BFLOAT16_MARGIN faster than the best float32 form; the float32 forms give
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import compile_cache, gemma
+from .config import PaliGemmaConfig, TextConfig
+from .cpu_kind import cpu
+from .cpu_memory import layer_views
+from .params import expected_shapes
+
+# A decoder layer of Gemma 2B is 0.45 GB in float32 and PaliGemma 2 3B's 0.30 GB; the demo model's and the
+# test models' are a few MB.
+MEASURE_MIN_LAYER_BYTES = 64 * 2**20
+# bfloat16 is taken over float32 only when a typical request is this many times faster in it.
+BFLOAT16_MARGIN = 1.25
+# A typical request: the image tokens plus this many prompt tokens are prefilled, this many tokens decoded.
+TYPICAL_PROMPT_TOKENS = 16
+TYPICAL_ANSWER_TOKENS = 32
+# The measured prefill's rows at most (fewer make the weights' one-off transposes dominate), scaled to the prompt.
+PREFILL_ROWS = 256
+MEASURED_LAYERS = 2  # enough to see the layer scan's cost against per-layer views
+REPEATS = 3  # the median of this many timed runs, after one untimed
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuForm:
+    dtype: str  # the weights' float dtype: "float32" or "bfloat16"
+    layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}, {'per-layer views' if self.layer_views else 'stacked layers'}"
+
+
+FORMS = (CpuForm("float32", True), CpuForm("float32", False), CpuForm("bfloat16", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """One form's measured figures on MEASURED_LAYERS layers. prefill_ms is None where decoding alone already
+    made the form lose (its prefill was not measured)."""
+
+    decode_ms: float  # one decode step
+    prefill_ms: float | None  # the prefill of a typical prompt, scaled from PREFILL_ROWS rows
+
+    @property
+    def request_ms(self) -> float:
+        """A typical request: its prefill and TYPICAL_ANSWER_TOKENS decode steps (a lower bound without prefill)."""
+        return (self.prefill_ms or 0.0) + TYPICAL_ANSWER_TOKENS * self.decode_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    form: CpuForm
+    figures: dict[CpuForm, Figures]
+    measure_s: float  # what measuring took
+    remembered: bool = False  # read from the figures of an earlier measurement on this CPU kind
+
+    def describe(self) -> str:
+        """One line for logs and benchmarks: the pick, then each candidate's figures."""
+        parts = []
+        for form, f in self.figures.items():
+            prefill = "lost on decode alone" if f.prefill_ms is None else f"prefill {f.prefill_ms:.0f} ms"
+            parts.append(f"{form}: decode {f.decode_ms:.1f} ms/step, {prefill}")
+        when = "remembered from an earlier measurement" if self.remembered else "measured"
+        return f"{self.form} (on {MEASURED_LAYERS} layers: {'; '.join(parts)}; {when} in {self.measure_s:.1f} s)"
+
+    def to_json(self) -> dict:
+        return {
+            "form": dataclasses.asdict(self.form),
+            "figures": [{**dataclasses.asdict(form), **dataclasses.asdict(f)} for form, f in self.figures.items()],
+            "measure_s": self.measure_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Choice:
+        figures = {
+            CpuForm(f["dtype"], f["layer_views"]): Figures(f["decode_ms"], f["prefill_ms"]) for f in data["figures"]
+        }
+        return cls(CpuForm(**data["form"]), figures, data["measure_s"], remembered=True)
+
+
+def applies(cfg: PaliGemmaConfig, device: jax.Device) -> bool:
+    """Whether a model is large enough, and on a CPU, for its form to be measured rather than the default."""
+    t = cfg.text
+    layer_params = t.width * (3 * t.mlp_dim + (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim)
+    return device.platform == "cpu" and 4 * layer_params >= MEASURE_MIN_LAYER_BYTES
+
+
+def pick(figures: dict[CpuForm, Figures]) -> CpuForm:
+    """The float32 form with the shortest typical request, or another dtype's where it is BFLOAT16_MARGIN
+    times shorter (and fully measured)."""
+    request = {form: f.request_ms for form, f in figures.items()}
+    float32 = [form for form in figures if form.dtype == "float32"]
+    best = min(float32, key=request.__getitem__) if float32 else None
+    for form in sorted((f for f in figures if f.dtype != "float32"), key=request.__getitem__):
+        if best is None or figures[form].prefill_ms is not None and request[form] * BFLOAT16_MARGIN <= request[best]:
+            return form
+    return best
+
+
+def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice:
+    """Measures the candidate forms for cfg's decoder on this CPU and picks one. dtype: None (any candidate)
+    or the one float dtype the caller asked for (then only the layout is chosen)."""
+    key, store = _key(cfg, dtype), _store_path()
+    remembered = _read(store).get(key) if store else None
+    if remembered is not None:
+        return Choice.from_json(remembered)
+    start = time.perf_counter()
+    figures = measure(cfg, [form for form in FORMS if dtype is None or form.dtype == dtype])
+    choice = Choice(pick(figures), figures, time.perf_counter() - start)
+    if store:
+        _remember(store, key, choice)
+    return choice
+
+
+def _store_path() -> str | None:
+    folder = compile_cache.cache_dir()
+    return None if folder is None else os.path.join(folder, "cpu_forms.json")
+
+
+def _key(cfg: PaliGemmaConfig, dtype: str | None) -> str:
+    """What the figures depend on: the CPU kind and the cores this process may use, JAX, the shapes measured."""
+    kind = cpu()
+    text = dataclasses.asdict(dataclasses.replace(cfg.text, depth=MEASURED_LAYERS, vocab_size=0))
+    parts = (kind["cpu"], kind["vector_flags"], len(os.sched_getaffinity(0)), jax.__version__, text)
+    return repr((*parts, cfg.vision.num_patches, dtype))
+
+
+def _read(store: str) -> dict:
+    """The remembered choices; none where the file is missing or unreadable (then they are measured again)."""
+    try:
+        with open(store) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(store: str, key: str, choice: Choice) -> None:
+    """Adds a choice to the store, written whole to a temporary file and renamed (readers never see half of
+    it); a folder that cannot be written only means measuring again next time."""
+    data = {**_read(store), key: choice.to_json()}
+    try:
+        os.makedirs(os.path.dirname(store), exist_ok=True)
+        temporary = f"{store}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(temporary, store)
+    except OSError:
+        pass
+
+
+def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
+    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Another
+    dtype's prefill is measured only where its decode steps alone leave it a chance against the best float32
+    request (bfloat16's prefill is the slowest part of measuring where bfloat16 is slow)."""
+    text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
+    prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
+    figures, prefill_ms = {}, {}
+    for form in sorted(forms, key=lambda form: form.dtype != "float32"):
+        layers = _constant_layers(cfg, text, form.dtype)
+        decoded = _per_layer(layers) if form.layer_views else layers
+        decode_ms = _decode_ms(text, decoded, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
+        best = min((f.request_ms for f in figures.values()), default=None)
+        has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * BFLOAT16_MARGIN <= best
+        if form.dtype not in prefill_ms and has_a_chance:
+            rows = min(prompt_rows, PREFILL_ROWS)
+            prefill_ms[form.dtype] = _prefill_ms(text, layers, rows) * prompt_rows / rows
+        figures[form] = Figures(decode_ms, prefill_ms.get(form.dtype))
+        del layers, decoded
+    return figures
+
+
+def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str) -> dict:
+    """The decoder's stacked layer weights, every value 0.01 (norm scales 0)."""
+    shapes = expected_shapes(dataclasses.replace(cfg, text=text))
+    layers = {}
+    for key, shape in shapes.items():
+        if key.startswith("llm/layers/"):
+            value = 0.0 if key.endswith("/scale") else 0.01
+            node = layers
+            *path, leaf = key.removeprefix("llm/layers/").split("/")
+            for name in path:
+                node = node.setdefault(name, {})
+            node[leaf] = jnp.full(shape, value, dtype)
+    return layers
+
+
+def _per_layer(layers) -> list:
+    """Stacked layer weights as the per-layer views decoding on CPU uses (cpu_memory.decode_params)."""
+    leaves, structure = jax.tree.flatten(layers)
+    views = [layer_views(leaf) for leaf in leaves]
+    return [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
+
+
+def _llm(layers, text: TextConfig) -> dict:
+    dtype = jax.tree.leaves(layers)[0].dtype
+    return {
+        "layers": layers,
+        "embedder": {"input_embedding": jnp.zeros((1, text.width), dtype)},  # gives run_layers the float dtype
+        "final_norm": {"scale": jnp.zeros((text.width,), dtype)},
+    }
+
+
+@functools.partial(jax.jit, static_argnames="text")
+def _prefill(llm, x, *, text: TextConfig):
+    rows = x.shape[1]
+    mask = jnp.ones((1, rows, rows), bool)
+    return gemma.run_layers(llm, text, x, jnp.arange(rows)[None], mask)[:2]
+
+
+@functools.partial(jax.jit, static_argnames="text", donate_argnums=2)
+def _decode(llm, x, cache, index, *, text: TextConfig):
+    length = gemma.cache_length(cache)
+    mask = (jnp.arange(length) <= index)[None, None]  # [1, 1, S]
+    hidden, cache, _ = gemma.run_layers(llm, text, x, index[None, None], mask, cache, index)
+    return hidden, cache
+
+
+def _median_ms(run) -> float:
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _prefill_ms(text: TextConfig, layers, rows: int) -> float:
+    llm = _llm(layers, text)
+    x = jnp.full((1, rows, text.width), 0.01, llm["embedder"]["input_embedding"].dtype)
+    return _median_ms(lambda: _prefill(llm, x, text=text))
+
+
+def _decode_ms(text: TextConfig, layers, cache_length: int) -> float:
+    llm = _llm(layers, text)
+    dtype = llm["embedder"]["input_embedding"].dtype
+    shape = (1, text.num_kv_heads, cache_length, text.head_dim)
+    if isinstance(layers, list):
+        cache = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in layers]
+    else:
+        cache = tuple(jnp.zeros((text.depth, *shape), dtype) for _ in range(2))
+    x = jnp.full((1, 1, text.width), 0.01, dtype)
+    index = jnp.int32(cache_length // 2)
+    state = {"cache": cache}
+
+    def step():
+        hidden, state["cache"] = _decode(llm, x, state["cache"], index, text=text)
+        return hidden
+
+    return _median_ms(step)

@@ -1,0 +1,158 @@
+"""The dtype and decode form chosen at load on CPU from measured figures (cpu_forms.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import paligemma
+from paligemma import compile_cache, cpu_forms
+from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma.cpu_forms import CpuForm, Figures
+
+VIEWS, STACKED, BF16 = cpu_forms.FORMS
+
+
+def figures(views: float, stacked: float, bf16: float, bf16_prefill: float | None = 0.0) -> dict:
+    """Figures whose typical requests take the given milliseconds (decode only: prefill 0)."""
+    steps = cpu_forms.TYPICAL_ANSWER_TOKENS
+    return {
+        VIEWS: Figures(views / steps, 0.0),
+        STACKED: Figures(stacked / steps, 0.0),
+        BF16: Figures(bf16 / steps, bf16_prefill),
+    }
+
+
+def test_pick_takes_the_fastest_float32_layout_and_bfloat16_only_by_the_margin():
+    assert cpu_forms.pick(figures(100, 120, 90)) == VIEWS  # bfloat16 faster, not by the margin
+    assert cpu_forms.pick(figures(130, 100, 90)) == STACKED
+    assert cpu_forms.pick(figures(100, 120, 100 / cpu_forms.BFLOAT16_MARGIN)) == BF16
+    assert cpu_forms.pick(figures(100, 120, 10, bf16_prefill=None)) == VIEWS  # not fully measured: never picked
+    assert cpu_forms.pick({BF16: Figures(1.0, 1.0)}) == BF16  # the only candidate (dtype asked)
+
+
+def test_only_large_models_on_cpu_are_measured():
+    cpu = jax.devices("cpu")[0]
+    real = PaliGemmaConfig(VisionConfig(), TextConfig())  # PaliGemma 3B: 0.30 GB per decoder layer in float32
+    assert cpu_forms.applies(real, cpu)
+    assert not cpu_forms.applies(paligemma.demo_config(257152), cpu)
+
+    class Accelerator:
+        platform = "gpu"
+
+    assert not cpu_forms.applies(real, Accelerator())
+
+
+def test_measuring_a_model_times_every_form_at_its_shapes(monkeypatch, tmp_path):
+    """Real measurement, small shapes: every candidate timed, the float32 forms sharing one prefill figure, and
+    the pick what `pick` makes of the figures."""
+    cfg = PaliGemmaConfig(
+        VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=14, image_size=56),
+        TextConfig(vocab_size=300, width=128, depth=6, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=32),
+    )
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    choice = cpu_forms.choose(cfg)
+    assert list(choice.figures) == list(cpu_forms.FORMS)
+    for f in choice.figures.values():
+        assert math.isfinite(f.decode_ms) and f.decode_ms > 0
+    assert choice.figures[VIEWS].prefill_ms == choice.figures[STACKED].prefill_ms > 0
+    assert choice.form == cpu_forms.pick(choice.figures)
+    assert choice.measure_s > 0 and str(choice.form) in choice.describe()
+    only_float32 = cpu_forms.choose(cfg, "float32")
+    assert set(only_float32.figures) == {VIEWS, STACKED} and only_float32.form.dtype == "float32"
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Every model counts as large; `measured.figures` is what measuring returns, and each call is recorded.
+    Choices are remembered in this test's own folder."""
+    calls = []
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+
+    def measure(cfg, forms):
+        calls.append(list(forms))
+        return {form: measured.figures[form] for form in forms}
+
+    monkeypatch.setattr(cpu_forms, "MEASURE_MIN_LAYER_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "measure", measure)
+    measured.calls = calls
+    return measured
+
+
+def greedy(model, prompt="caption en") -> list[int]:
+    image = np.full((28, 28, 3), 120, np.uint8)
+    *_, last = model.run([image], [prompt], max_new_tokens=8)
+    return last.token_ids[0]
+
+
+def test_a_measured_stacked_form_decodes_stacked_with_the_same_tokens(tiny_model_dir, tiny_model, measured):
+    measured.figures = figures(views=130, stacked=100, bf16=120)
+    model = paligemma.load(str(tiny_model_dir))
+    assert model.cpu_form.form == STACKED and model.dtype == jnp.float32
+    assert model._generator.decode_params is model.params  # no per-layer views
+    assert tiny_model.cpu_form is None and tiny_model._generator.decode_params is not tiny_model.params
+    assert greedy(model) == greedy(tiny_model)
+
+
+def test_bfloat16_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir, measured):
+    measured.figures = figures(views=100, stacked=120, bf16=50)
+    model = paligemma.load(str(tiny_model_dir))
+    assert model.cpu_form.form == BF16 and model.dtype == jnp.bfloat16 and model.dtype_name == "bfloat16"
+    assert measured.calls[-1] == list(cpu_forms.FORMS)
+
+    asked = paligemma.load(str(tiny_model_dir), dtype="float32")
+    assert asked.cpu_form.form == VIEWS and asked.dtype == jnp.float32
+    assert measured.calls[-1] == [VIEWS, STACKED]
+
+    calls = len(measured.calls)
+    for dtype in ("bfloat16", "int8"):  # nothing to choose: not measured
+        assert paligemma.load(str(tiny_model_dir), dtype=dtype).cpu_form is None
+    assert len(measured.calls) == calls
+
+
+def test_a_choice_is_remembered_per_cpu_kind_and_shapes(measured, tmp_path, monkeypatch):
+    cfg = paligemma.demo_config(300)
+    measured.figures = figures(views=100, stacked=120, bf16=50)
+    first = cpu_forms.choose(cfg)
+    again = cpu_forms.choose(cfg)
+    assert len(measured.calls) == 1 and not first.remembered and again.remembered
+    assert again.form == first.form == BF16 and again.figures == first.figures
+    assert "remembered" in again.describe()
+
+    assert cpu_forms.choose(cfg, "float32").form == VIEWS  # another question: measured
+    wider = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, width=cfg.text.width * 2))
+    cpu_forms.choose(wider)  # other shapes: measured
+    assert len(measured.calls) == 3
+
+    monkeypatch.setattr(cpu_forms, "cpu", lambda: {"cpu": "another CPU", "vector_flags": ["avx2"]})
+    cpu_forms.choose(cfg)  # another CPU kind: measured
+    assert len(measured.calls) == 4
+
+    (tmp_path / "cpu_forms.json").write_text("{ cut sho")  # unreadable: measured again, then rewritten whole
+    assert not cpu_forms.choose(cfg).remembered and cpu_forms.choose(cfg).remembered
+
+    monkeypatch.setenv(compile_cache.ENV, "off")  # no cache folder: measured every time
+    cpu_forms.choose(cfg)
+    cpu_forms.choose(cfg)
+    assert len(measured.calls) == 7
+
+
+def test_small_models_are_not_measured(tiny_model_dir, monkeypatch):
+    def measure(cfg, forms):
+        raise AssertionError("a small model was measured")
+
+    monkeypatch.setattr(cpu_forms, "measure", measure)
+    model = paligemma.load(str(tiny_model_dir))
+    assert model.cpu_form is None and model.dtype == jnp.float32
+
+
+def test_a_typical_request_is_its_prefill_and_the_answers_decode_steps():
+    f = Figures(decode_ms=2.0, prefill_ms=10.0)
+    assert f.request_ms == 10.0 + 2.0 * cpu_forms.TYPICAL_ANSWER_TOKENS
+    assert dataclasses.replace(f, prefill_ms=None).request_ms == 2.0 * cpu_forms.TYPICAL_ANSWER_TOKENS
+    assert str(CpuForm("float32", True)) == "float32, per-layer views"
