@@ -132,6 +132,7 @@ def measure(source: str, dtype: str, decode_tokens: int) -> dict:
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "form": str(model.cpu_form.form) if model.cpu_form else None,  # measured at load (cpu_forms.py)
         "form_measure_s": round(model.cpu_form.measure_s, 1) if model.cpu_form else None,
+        "form_remembered": model.cpu_form.remembered if model.cpu_form else None,  # then not measured at this load
     }
 
 

@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import compile_cache, gemma
 from .config import PaliGemmaConfig, TextConfig
@@ -46,7 +45,10 @@ TYPICAL_ANSWER_TOKENS = 32
 # The measured prefill's rows at most (fewer make the weights' one-off transposes dominate), scaled to the prompt.
 PREFILL_ROWS = 256
 MEASURED_LAYERS = 2  # enough to see the layer scan's cost against per-layer views
-REPEATS = 3  # the median of this many timed runs, after one untimed
+# The fastest of 2 to REPEATS timed runs after an untimed one: the fastest, since interference (another process,
+# a page fault) only ever adds time; a third run only while the first two took under REPEAT_BUDGET_S.
+REPEATS = 3
+REPEAT_BUDGET_S = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +65,8 @@ FORMS = (CpuForm("float32", True), CpuForm("float32", False), CpuForm("bfloat16"
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-    """One form's measured figures on MEASURED_LAYERS layers. prefill_ms is None where decoding alone already
-    made the form lose (its prefill was not measured)."""
+    """One form's measured figures on MEASURED_LAYERS layers. prefill_ms is None where it was not measured:
+    where all candidates share one dtype (so one prefill), or where decoding alone already made the form lose."""
 
     decode_ms: float  # one decode step
     prefill_ms: float | None  # the prefill of a typical prompt, scaled from PREFILL_ROWS rows
@@ -86,7 +88,7 @@ class Choice:
         """One line for logs and benchmarks: the pick, then each candidate's figures."""
         parts = []
         for form, f in self.figures.items():
-            prefill = "lost on decode alone" if f.prefill_ms is None else f"prefill {f.prefill_ms:.0f} ms"
+            prefill = "prefill not measured" if f.prefill_ms is None else f"prefill {f.prefill_ms:.0f} ms"
             parts.append(f"{form}: decode {f.decode_ms:.1f} ms/step, {prefill}")
         when = "remembered from an earlier measurement" if self.remembered else "measured"
         return f"{self.form} (on {MEASURED_LAYERS} layers: {'; '.join(parts)}; {when} in {self.measure_s:.1f} s)"
@@ -149,7 +151,8 @@ def _key(cfg: PaliGemmaConfig, dtype: str | None) -> str:
     """What the figures depend on: the CPU kind and the cores this process may use, JAX, the shapes measured."""
     kind = cpu()
     text = dataclasses.asdict(dataclasses.replace(cfg.text, depth=MEASURED_LAYERS, vocab_size=0))
-    parts = (kind["cpu"], kind["vector_flags"], len(os.sched_getaffinity(0)), jax.__version__, text)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux: usable
+    parts = (kind["cpu"], kind["vector_flags"], cores, jax.__version__, text)
     return repr((*parts, cfg.vision.num_patches, dtype))
 
 
@@ -178,9 +181,9 @@ def _remember(store: str, key: str, choice: Choice) -> None:
 
 
 def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
-    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Another
-    dtype's prefill is measured only where its decode steps alone leave it a chance against the best float32
-    request (bfloat16's prefill is the slowest part of measuring where bfloat16 is slow)."""
+    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Prefills
+    (the slowest part of measuring) are measured only where dtypes compete (forms of one dtype prefill alike),
+    and another dtype's only where its decode steps alone leave it a chance against the best float32 request."""
     text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
     figures, prefill_ms = {}, {}
@@ -190,7 +193,7 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
         decode_ms = _decode_ms(text, decoded, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
         best = min((f.request_ms for f in figures.values()), default=None)
         has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * BFLOAT16_MARGIN <= best
-        if form.dtype not in prefill_ms and has_a_chance:
+        if form.dtype not in prefill_ms and has_a_chance and len({f.dtype for f in forms}) > 1:
             rows = min(prompt_rows, PREFILL_ROWS)
             prefill_ms[form.dtype] = _prefill_ms(text, layers, rows) * prompt_rows / rows
         figures[form] = Figures(decode_ms, prefill_ms.get(form.dtype))
@@ -244,20 +247,20 @@ def _decode(llm, x, cache, index, *, text: TextConfig):
     return hidden, cache
 
 
-def _median_ms(run) -> float:
+def _fastest_ms(run) -> float:
     jax.block_until_ready(run())
     times = []
-    for _ in range(REPEATS):
+    while len(times) < 2 or len(times) < REPEATS and sum(times) < REPEAT_BUDGET_S:
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * min(times)
 
 
 def _prefill_ms(text: TextConfig, layers, rows: int) -> float:
     llm = _llm(layers, text)
     x = jnp.full((1, rows, text.width), 0.01, llm["embedder"]["input_embedding"].dtype)
-    return _median_ms(lambda: _prefill(llm, x, text=text))
+    return _fastest_ms(lambda: _prefill(llm, x, text=text))
 
 
 def _decode_ms(text: TextConfig, layers, cache_length: int) -> float:
@@ -276,4 +279,4 @@ def _decode_ms(text: TextConfig, layers, cache_length: int) -> float:
         hidden, state["cache"] = _decode(llm, x, state["cache"], index, text=text)
         return hidden
 
-    return _median_ms(step)
+    return _fastest_ms(step)

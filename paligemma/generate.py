@@ -279,7 +279,8 @@ class Generator:
     bucket for scored runs and for each beam count).
 
     Params split over a mesh (checkpoint.load_params(..., mesh=...)) make it run there too: inputs are
-    replicated, the KV cache split by kv heads, and XLA partitions the rest.
+    replicated, the KV cache split by kv heads, and XLA partitions the rest. layer_views False decodes on the
+    stacked layers even where per-layer views could be made (cpu_forms.py measures which is faster on a CPU).
     """
 
     def __init__(

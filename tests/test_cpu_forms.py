@@ -65,6 +65,7 @@ def test_measuring_a_model_times_every_form_at_its_shapes(monkeypatch, tmp_path)
     assert choice.measure_s > 0 and str(choice.form) in choice.describe()
     only_float32 = cpu_forms.choose(cfg, "float32")
     assert set(only_float32.figures) == {VIEWS, STACKED} and only_float32.form.dtype == "float32"
+    assert all(f.prefill_ms is None for f in only_float32.figures.values())  # one dtype: nothing to compare
 
 
 @pytest.fixture
