@@ -280,11 +280,12 @@ def load(
     come from the argument, beside the weights, the cache, or where they are published (companions.py); a model
     without a mask decoder still detects, and `model.mask_decoder_note` says why masks are missing.
     dtype: None (by the device: bfloat16 where the hardware has it, float16 on older GPUs, see devices.py;
-    float32 on CPU, or for a large model bfloat16 where measured clearly faster on this CPU, see cpu_forms.py),
+    float32 on CPU, or for a large model bfloat16 or int8 where measured clearly faster on this CPU, see
+    cpu_forms.py),
     'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer by layer as
     they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly
-    than float32). On one CPU device, a large model's decode form (per-layer views or stacked layers) is the one
-    measured faster here, in float32 or in bfloat16 as chosen; `model.cpu_form` holds the figures.
+    than float32). On one CPU device, a large float32 model's decode form (per-layer views or stacked layers) is
+    the one measured faster here; `model.cpu_form` holds the figures.
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     progress: called with (file name, bytes done, bytes total) while files download.
@@ -318,7 +319,8 @@ def load(
         and cpu_forms.applies(cfg, target)
     ):
         cpu_form = cpu_forms.choose(cfg, asked)
-        dtype = jnp.dtype(cpu_form.form.dtype)
+        quantize_int8 = cpu_form.form.dtype == INT8  # the float32 default stays beside the int8 matrices
+        dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
     params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
     model.mask_decoder_note = note

@@ -1,20 +1,20 @@
-"""The float dtype and decode form of a large model on CPU, chosen at load from figures measured on this CPU.
+"""The dtype and decode form of a large model on CPU, chosen at load from figures measured on this CPU.
 
 What is fast differs between CPU kinds. On AVX2 machines and AVX-512 ones without AMX, XLA multiplies a row by
-a float32 matrix near memory bandwidth and by a bfloat16 one several times more slowly; AMX tiles multiply
-bfloat16 natively, where half the bytes per weight could nearly halve a decode step. The per-layer weight views
-of cpu_memory.py beat the stacked layer scan on the machines measured so far, but that is a property of the
-machine too. So `choose` times each candidate form on two decoder layers at the model's own shapes (constant
-weights: the time of a product does not depend on its values, and the checkpoint is not read yet) and keeps
-the form with the shortest typical request. The pick and its figures are remembered per CPU kind (model, vector
-features, usable cores), JAX version and layer shapes in the compilation cache's folder (compile_cache.py), so a
-restarted app does not measure again; delete `cpu_forms.json` there to measure afresh.
+a float32 matrix near memory bandwidth and by a bfloat16 or int8 one several times more slowly; AMX tiles
+multiply bfloat16 natively and VNNI/AMX int8, where fewer bytes per weight could shorten a decode step. The
+per-layer weight views of cpu_memory.py beat the stacked layer scan on the machines measured so far, but that is
+a property of the machine too. So `choose` times each candidate form on two decoder layers at the model's own
+shapes (constant weights: the time of a product does not depend on its values, and the checkpoint is not read
+yet) and keeps the form with the shortest typical request. The pick and its figures are remembered per CPU kind
+(model, vector features, usable cores), JAX version and layer shapes in the compilation cache's folder
+(compile_cache.py), so a restarted app does not measure again; delete `cpu_forms.json` there to measure afresh.
 
 Only models whose decoder layer is at least MEASURE_MIN_LAYER_BYTES are measured: a small model's step is
 dominated by fixed per-step costs where the forms measure alike (and the demo model answers the same on every
-machine). bfloat16 changes the numbers (by its tolerance, as on accelerators), so it is taken only when the
-caller left the dtype open and it is BFLOAT16_MARGIN faster than the best float32 form; the float32 forms give
-the same tokens.
+machine). bfloat16 and int8 change the numbers (by their tolerance, as on accelerators), so they are taken only
+when the caller left the dtype open and are OTHER_DTYPE_MARGIN faster than the best float32 form; the float32
+forms give the same tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from . import compile_cache, gemma
+from . import compile_cache, gemma, quantize
 from .config import PaliGemmaConfig, TextConfig
 from .cpu_kind import cpu
 from .cpu_memory import layer_views
@@ -37,8 +38,8 @@ from .params import expected_shapes
 # A decoder layer of Gemma 2B is 0.45 GB in float32 and PaliGemma 2 3B's 0.30 GB; the demo model's and the
 # test models' are a few MB.
 MEASURE_MIN_LAYER_BYTES = 64 * 2**20
-# bfloat16 is taken over float32 only when a typical request is this many times faster in it.
-BFLOAT16_MARGIN = 1.25
+# bfloat16 or int8 is taken over float32 only when a typical request is this many times faster in it.
+OTHER_DTYPE_MARGIN = 1.25
 # A typical request: the image tokens plus this many prompt tokens are prefilled, this many tokens decoded.
 TYPICAL_PROMPT_TOKENS = 16
 TYPICAL_ANSWER_TOKENS = 32
@@ -53,14 +54,15 @@ REPEAT_BUDGET_S = 0.3
 
 @dataclasses.dataclass(frozen=True)
 class CpuForm:
-    dtype: str  # the weights' float dtype: "float32" or "bfloat16"
-    layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16)
+    dtype: str  # the weights' dtype: "float32", "bfloat16", or "int8" (decoder layer matrices; float32 beside)
+    layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16,
+    # and int8 layers stay stacked, see cpu_memory.decode_params)
 
     def __str__(self) -> str:
         return f"{self.dtype}, {'per-layer views' if self.layer_views else 'stacked layers'}"
 
 
-FORMS = (CpuForm("float32", True), CpuForm("float32", False), CpuForm("bfloat16", False))
+FORMS = (CpuForm("float32", True), CpuForm("float32", False), CpuForm("bfloat16", False), CpuForm("int8", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +118,13 @@ def applies(cfg: PaliGemmaConfig, device: jax.Device) -> bool:
 
 
 def pick(figures: dict[CpuForm, Figures]) -> CpuForm:
-    """The float32 form with the shortest typical request, or another dtype's where it is BFLOAT16_MARGIN
+    """The float32 form with the shortest typical request, or another dtype's where it is OTHER_DTYPE_MARGIN
     times shorter (and fully measured)."""
     request = {form: f.request_ms for form, f in figures.items()}
     float32 = [form for form in figures if form.dtype == "float32"]
     best = min(float32, key=request.__getitem__) if float32 else None
     for form in sorted((f for f in figures if f.dtype != "float32"), key=request.__getitem__):
-        if best is None or figures[form].prefill_ms is not None and request[form] * BFLOAT16_MARGIN <= request[best]:
+        if best is None or figures[form].prefill_ms is not None and request[form] * OTHER_DTYPE_MARGIN <= request[best]:
             return form
     return best
 
@@ -190,30 +192,38 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
     for form in sorted(forms, key=lambda form: form.dtype != "float32"):
         layers = _constant_layers(cfg, text, form.dtype)
         decoded = _per_layer(layers) if form.layer_views else layers
-        decode_ms = _decode_ms(text, decoded, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
+        decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
         best = min((f.request_ms for f in figures.values()), default=None)
-        has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * BFLOAT16_MARGIN <= best
+        has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
         if form.dtype not in prefill_ms and has_a_chance and len({f.dtype for f in forms}) > 1:
             rows = min(prompt_rows, PREFILL_ROWS)
-            prefill_ms[form.dtype] = _prefill_ms(text, layers, rows) * prompt_rows / rows
+            prefill_ms[form.dtype] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
         figures[form] = Figures(decode_ms, prefill_ms.get(form.dtype))
         del layers, decoded
     return figures
 
 
 def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str) -> dict:
-    """The decoder's stacked layer weights, every value 0.01 (norm scales 0)."""
-    shapes = expected_shapes(dataclasses.replace(cfg, text=text))
-    layers = {}
-    for key, shape in shapes.items():
-        if key.startswith("llm/layers/"):
-            value = 0.0 if key.endswith("/scale") else 0.01
-            node = layers
-            *path, leaf = key.removeprefix("llm/layers/").split("/")
-            for name in path:
-                node = node.setdefault(name, {})
-            node[leaf] = jnp.full(shape, value, dtype)
-    return layers
+    """The decoder's stacked layer weights, every matrix value 0.01 (norm scales 0); for int8, the layer
+    matrices as int8 values with float32 per-channel scales, as load(dtype="int8") makes them."""
+    flat = {}
+    for key, shape in expected_shapes(dataclasses.replace(cfg, text=text)).items():
+        if not key.startswith("llm/layers/"):
+            continue
+        contracted = quantize.CONTRACTED_AXES.get(key)
+        if key.endswith("/scale"):
+            flat[key] = jnp.zeros(shape, _float_dtype(dtype))
+        elif dtype == quantize.INT8 and contracted is not None:
+            scales = jnp.full(quantize.scale_shape(shape, contracted), 0.01, jnp.float32)
+            flat[key] = quantize.int8_array(jnp.ones(shape, jnp.int8), scales)
+        else:
+            flat[key] = jnp.full(shape, 0.01, dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")["llm"]["layers"]
+
+
+def _float_dtype(dtype: str) -> str:
+    """The float dtype beside a form's weights: float32 beside int8 (as load gives on CPU)."""
+    return "float32" if dtype == quantize.INT8 else dtype
 
 
 def _per_layer(layers) -> list:
@@ -223,8 +233,8 @@ def _per_layer(layers) -> list:
     return [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
 
 
-def _llm(layers, text: TextConfig) -> dict:
-    dtype = jax.tree.leaves(layers)[0].dtype
+def _llm(layers, text: TextConfig, dtype: str) -> dict:
+    dtype = _float_dtype(dtype)
     return {
         "layers": layers,
         "embedder": {"input_embedding": jnp.zeros((1, text.width), dtype)},  # gives run_layers the float dtype
@@ -257,14 +267,14 @@ def _fastest_ms(run) -> float:
     return 1e3 * min(times)
 
 
-def _prefill_ms(text: TextConfig, layers, rows: int) -> float:
-    llm = _llm(layers, text)
+def _prefill_ms(text: TextConfig, layers, dtype: str, rows: int) -> float:
+    llm = _llm(layers, text, dtype)
     x = jnp.full((1, rows, text.width), 0.01, llm["embedder"]["input_embedding"].dtype)
     return _fastest_ms(lambda: _prefill(llm, x, text=text))
 
 
-def _decode_ms(text: TextConfig, layers, cache_length: int) -> float:
-    llm = _llm(layers, text)
+def _decode_ms(text: TextConfig, layers, dtype: str, cache_length: int) -> float:
+    llm = _llm(layers, text, dtype)
     dtype = llm["embedder"]["input_embedding"].dtype
     shape = (1, text.num_kv_heads, cache_length, text.head_dim)
     if isinstance(layers, list):

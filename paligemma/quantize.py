@@ -84,7 +84,7 @@ def int8_array(values: jax.Array, scales: jax.Array):
 
 
 def dot_general(x, w, dimension_numbers, out_dtype=None):
-    """jax.lax.dot_general for a float weight w; for an int8 one (quantize_params), qwix's."""
+    """jax.lax.dot_general for a float weight w; for an int8 one (quantize_layers, int8_array), qwix's."""
     if not is_quantized(w):
         return jax.lax.dot_general(x, w, dimension_numbers, preferred_element_type=out_dtype)
     return _qwix().dot_general(x, w, dimension_numbers, preferred_element_type=out_dtype)

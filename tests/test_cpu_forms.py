@@ -15,24 +15,26 @@ from paligemma import compile_cache, cpu_forms
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma.cpu_forms import CpuForm, Figures
 
-VIEWS, STACKED, BF16 = cpu_forms.FORMS
+VIEWS, STACKED, BF16, INT8 = cpu_forms.FORMS
 
 
-def figures(views: float, stacked: float, bf16: float, bf16_prefill: float | None = 0.0) -> dict:
+def figures(views: float, stacked: float, bf16: float, int8: float = 1e9, bf16_prefill: float | None = 0.0) -> dict:
     """Figures whose typical requests take the given milliseconds (decode only: prefill 0)."""
     steps = cpu_forms.TYPICAL_ANSWER_TOKENS
     return {
         VIEWS: Figures(views / steps, 0.0),
         STACKED: Figures(stacked / steps, 0.0),
         BF16: Figures(bf16 / steps, bf16_prefill),
+        INT8: Figures(int8 / steps, 0.0),
     }
 
 
 def test_pick_takes_the_fastest_float32_layout_and_bfloat16_only_by_the_margin():
     assert cpu_forms.pick(figures(100, 120, 90)) == VIEWS  # bfloat16 faster, not by the margin
     assert cpu_forms.pick(figures(130, 100, 90)) == STACKED
-    assert cpu_forms.pick(figures(100, 120, 100 / cpu_forms.BFLOAT16_MARGIN)) == BF16
+    assert cpu_forms.pick(figures(100, 120, 100 / cpu_forms.OTHER_DTYPE_MARGIN)) == BF16
     assert cpu_forms.pick(figures(100, 120, 10, bf16_prefill=None)) == VIEWS  # not fully measured: never picked
+    assert cpu_forms.pick(figures(100, 120, 70, int8=60)) == INT8  # the fastest of the other dtypes
     assert cpu_forms.pick({BF16: Figures(1.0, 1.0)}) == BF16  # the only candidate (dtype asked)
 
 
@@ -100,7 +102,7 @@ def test_a_measured_stacked_form_decodes_stacked_with_the_same_tokens(tiny_model
     assert greedy(model) == greedy(tiny_model)
 
 
-def test_bfloat16_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir, measured):
+def test_another_dtype_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir, measured, tmp_path):
     measured.figures = figures(views=100, stacked=120, bf16=50)
     model = paligemma.load(str(tiny_model_dir))
     assert model.cpu_form.form == BF16 and model.dtype == jnp.bfloat16 and model.dtype_name == "bfloat16"
@@ -109,6 +111,11 @@ def test_bfloat16_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir, mea
     asked = paligemma.load(str(tiny_model_dir), dtype="float32")
     assert asked.cpu_form.form == VIEWS and asked.dtype == jnp.float32
     assert measured.calls[-1] == [VIEWS, STACKED]
+
+    measured.figures = figures(views=100, stacked=120, bf16=90, int8=60)
+    (tmp_path / "cpu_forms.json").unlink()  # forget the first pick
+    model = paligemma.load(str(tiny_model_dir))
+    assert model.cpu_form.form == INT8 and model.dtype_name == "int8" and model.dtype == jnp.float32
 
     calls = len(measured.calls)
     for dtype in ("bfloat16", "int8"):  # nothing to choose: not measured
