@@ -47,7 +47,7 @@ class ModelEntry:
     name: str
     source: str  # an absolute local path, a Hugging Face Hub repo id, or a kaggle: handle
     notes: str = ""
-    dtype: str | None = None  # None: bfloat16 on accelerators, float32 on CPU
+    dtype: str | None = None  # None: as load() picks (accelerators: bfloat16; CPU: float32 or as measured)
     tokenizer: str | None = None  # absolute path; None: found beside the weights, cached or published
     mask_decoder: str | None = None  # absolute path of a vae-oid.npz; None: likewise
     tasks: tuple[str, ...] = prompts.TASK_NAMES  # the task names the page offers with this model
