@@ -135,7 +135,10 @@ def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice:
     key, store = _key(cfg, dtype), _store_path()
     remembered = _read(store).get(key) if store else None
     if remembered is not None:
-        return Choice.from_json(remembered)
+        try:
+            return Choice.from_json(remembered)
+        except (KeyError, TypeError, ValueError):  # not a record this version wrote: measure again
+            pass
     start = time.perf_counter()
     figures = measure(cfg, [form for form in FORMS if dtype is None or form.dtype == dtype])
     choice = Choice(pick(figures), figures, time.perf_counter() - start)

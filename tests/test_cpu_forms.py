@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -141,13 +142,16 @@ def test_a_choice_is_remembered_per_cpu_kind_and_shapes(measured, tmp_path, monk
     cpu_forms.choose(cfg)  # another CPU kind: measured
     assert len(measured.calls) == 4
 
-    (tmp_path / "cpu_forms.json").write_text("{ cut sho")  # unreadable: measured again, then rewritten whole
+    store = tmp_path / "cpu_forms.json"
+    store.write_text("{ cut sho")  # unreadable: measured again, then rewritten whole
     assert not cpu_forms.choose(cfg).remembered and cpu_forms.choose(cfg).remembered
+    store.write_text(json.dumps({key: {"form": "float32"} for key in json.loads(store.read_text())}))
+    assert not cpu_forms.choose(cfg).remembered  # records of another shape: measured again
 
     monkeypatch.setenv(compile_cache.ENV, "off")  # no cache folder: measured every time
     cpu_forms.choose(cfg)
     cpu_forms.choose(cfg)
-    assert len(measured.calls) == 7
+    assert len(measured.calls) == 8
 
 
 def test_small_models_are_not_measured(tiny_model_dir, monkeypatch):
