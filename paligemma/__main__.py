@@ -52,7 +52,8 @@ def _add_predict(sub) -> None:
     predict.add_argument(
         "--dtype",
         default=None,
-        help=" | ".join(paligemma.DTYPE_NAMES) + " (default: by device; int8 is for accelerators)",
+        help=" | ".join(paligemma.DTYPE_NAMES)
+        + " (default: by device; on CPU a large model's is measured once per CPU kind; int8 is for accelerators)",
     )
     predict.add_argument(
         "--json",
@@ -81,6 +82,8 @@ def predict(args) -> dict:
         progress=paligemma.cli_progress(),
     )
     load_s = time.perf_counter() - start
+    if model.cpu_form is not None and not model.cpu_form.remembered:  # the first load on this CPU kind: say why
+        print(f"measured this CPU's fastest form: {model.cpu_form.describe()}", file=sys.stderr)
     image = paligemma.to_rgb(paligemma.open_image(args.image))
     *_, result = model.run([image], [args.prompt], args.max_new_tokens, args.sampler, args.seed, return_scores=True)
     text = result.texts[0]

@@ -154,6 +154,20 @@ def test_a_choice_is_remembered_per_cpu_kind_and_shapes(measured, tmp_path, monk
     assert len(measured.calls) == 8
 
 
+def test_the_cli_says_what_it_measured_the_first_time_only(tiny_model_dir, measured, tmp_path, capsys):
+    from PIL import Image
+
+    from paligemma.__main__ import main
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    measured.figures = figures(views=130, stacked=100, bf16=120)
+    argv = ["predict", "--model", str(tiny_model_dir), "--image", str(tmp_path / "red.png"), "--prompt", "caption en"]
+    assert main([*argv, "--max-new-tokens", "2"]) == 0
+    assert "measured this CPU's fastest form: float32, stacked layers" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "2"]) == 0
+    assert "measured" not in capsys.readouterr().err  # remembered
+
+
 def test_small_models_are_not_measured(tiny_model_dir, monkeypatch):
     def measure(cfg, forms):
         raise AssertionError("a small model was measured")
