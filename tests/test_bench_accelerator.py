@@ -150,3 +150,22 @@ def test_gpu_run_defaults_to_3b_bfloat16_and_compares_transformers(monkeypatch):
     shown = table(result)
     assert "| 3b-224 transformers | bfloat16 | 16 |" in shown and "greedy 2/4 equal to ours" in shown
     assert "4800.0 GB/s (data sheet: H200 HBM3e)" in shown
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "kept"),
+    [(0, '{"a": 1}\n', True), (-6, 'log line\n{"a": 1}\n', True), (1, "", False), (-6, "partial {", False)],
+)
+def test_a_step_keeps_a_printed_result_and_fails_without_one(monkeypatch, capsys, returncode, stdout, kept):
+    """A result printed before the process died at exit is kept (with a warning); no result is a failure."""
+
+    def run(command, **kwargs):
+        return subprocess.CompletedProcess(command, returncode, stdout=stdout)
+
+    monkeypatch.setattr(accelerator.subprocess, "run", run)
+    if kept:
+        assert accelerator._child("ours") == {"a": 1}
+        assert ("after its result; kept" in capsys.readouterr().err) == (returncode != 0)
+    else:
+        with pytest.raises(SystemExit, match="the ours step failed"):
+            accelerator._child("ours")
