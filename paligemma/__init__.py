@@ -319,6 +319,7 @@ def load(
         and cpu_forms.applies(cfg, target)
     ):
         cpu_form = cpu_forms.choose(cfg, asked)
+    if cpu_form is not None:
         quantize_int8 = cpu_form.form.dtype == INT8  # the float32 default stays beside the int8 matrices
         dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
     params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)

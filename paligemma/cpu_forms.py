@@ -129,9 +129,10 @@ def pick(figures: dict[CpuForm, Figures]) -> CpuForm:
     return best
 
 
-def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice:
+def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice | None:
     """Measures the candidate forms for cfg's decoder on this CPU and picks one. dtype: None (any candidate)
-    or the one float dtype the caller asked for (then only the layout is chosen)."""
+    or the one float dtype the caller asked for (then only the layout is chosen). None where no candidate
+    could be measured (then the model loads as it would without measuring)."""
     key, store = _key(cfg, dtype), _store_path()
     remembered = _read(store).get(key) if store else None
     if remembered is not None:
@@ -141,6 +142,8 @@ def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice:
             pass
     start = time.perf_counter()
     figures = measure(cfg, [form for form in FORMS if dtype is None or form.dtype == dtype])
+    if not figures:
+        return None
     choice = Choice(pick(figures), figures, time.perf_counter() - start)
     if store:
         _remember(store, key, choice)
@@ -193,16 +196,20 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
     figures, prefill_ms = {}, {}
     for form in sorted(forms, key=lambda form: form.dtype != "float32"):
-        layers = _constant_layers(cfg, text, form.dtype)
-        decoded = _per_layer(layers) if form.layer_views else layers
-        decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
-        best = min((f.request_ms for f in figures.values()), default=None)
-        has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
-        if form.dtype not in prefill_ms and has_a_chance and len({f.dtype for f in forms}) > 1:
-            rows = min(prompt_rows, PREFILL_ROWS)
-            prefill_ms[form.dtype] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
+        try:
+            layers = _constant_layers(cfg, text, form.dtype)
+            decoded = _per_layer(layers) if form.layer_views else layers
+            if decoded is None:  # no views of these shapes: generation would decode stacked too
+                continue
+            decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
+            best = min((f.request_ms for f in figures.values()), default=None)
+            has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
+            if form.dtype not in prefill_ms and has_a_chance and len({f.dtype for f in forms}) > 1:
+                rows = min(prompt_rows, PREFILL_ROWS)
+                prefill_ms[form.dtype] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
+        except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
+            continue
         figures[form] = Figures(decode_ms, prefill_ms.get(form.dtype))
-        del layers, decoded
     return figures
 
 
@@ -229,10 +236,13 @@ def _float_dtype(dtype: str) -> str:
     return "float32" if dtype == quantize.INT8 else dtype
 
 
-def _per_layer(layers) -> list:
-    """Stacked layer weights as the per-layer views decoding on CPU uses (cpu_memory.decode_params)."""
+def _per_layer(layers) -> list | None:
+    """Stacked layer weights as the per-layer views decoding on CPU uses (cpu_memory.decode_params), or None
+    where that cannot be done (then decoding stays stacked whatever is measured)."""
     leaves, structure = jax.tree.flatten(layers)
     views = [layer_views(leaf) for leaf in leaves]
+    if any(v is None for v in views):
+        return None
     return [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
 
 

@@ -71,6 +71,33 @@ def test_measuring_a_model_times_every_form_at_its_shapes(monkeypatch, tmp_path)
     assert all(f.prefill_ms is None for f in only_float32.figures.values())  # one dtype: nothing to compare
 
 
+def test_forms_that_cannot_run_here_are_no_candidates(monkeypatch, tmp_path):
+    """No per-layer views of these shapes, bfloat16 failing in XLA: measured without them; nothing measurable:
+    no choice (the model then loads as without measuring)."""
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    cfg = PaliGemmaConfig(
+        VisionConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=14, image_size=28),
+        TextConfig(vocab_size=300, width=64, depth=2, mlp_dim=128, num_heads=2, num_kv_heads=1, head_dim=32),
+    )
+    decode_ms = cpu_forms._decode_ms
+
+    def failing_bfloat16(text, layers, dtype, cache_length):
+        if dtype == "bfloat16":
+            raise RuntimeError("INTERNAL: no bfloat16 here")
+        return decode_ms(text, layers, dtype, cache_length)
+
+    monkeypatch.setattr(cpu_forms, "layer_views", lambda leaf: None)
+    monkeypatch.setattr(cpu_forms, "_decode_ms", failing_bfloat16)
+    choice = cpu_forms.choose(cfg)
+    assert set(choice.figures) == {STACKED, INT8} and choice.form in (STACKED, INT8)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("INTERNAL: nothing runs")
+
+    monkeypatch.setattr(cpu_forms, "_decode_ms", failing)
+    assert cpu_forms.choose(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, width=96))) is None
+
+
 @pytest.fixture
 def measured(monkeypatch, tmp_path):
     """Every model counts as large; `measured.figures` is what measuring returns, and each call is recorded.
