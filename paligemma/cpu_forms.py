@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 
@@ -32,7 +33,7 @@ from flax import traverse_util
 from . import compile_cache, gemma, quantize
 from .config import PaliGemmaConfig, TextConfig
 from .cpu_kind import cpu
-from .cpu_memory import layer_views
+from .cpu_memory import per_layer_views
 from .params import expected_shapes
 
 # A decoder layer of Gemma 2B is 0.45 GB in float32 and PaliGemma 2 3B's 0.30 GB; the demo model's and the
@@ -112,9 +113,8 @@ class Choice:
 
 def applies(cfg: PaliGemmaConfig, device: jax.Device) -> bool:
     """Whether a model is large enough, and on a CPU, for its form to be measured rather than the default."""
-    t = cfg.text
-    layer_params = t.width * (3 * t.mlp_dim + (2 * t.num_heads + 2 * t.num_kv_heads) * t.head_dim)
-    return device.platform == "cpu" and 4 * layer_params >= MEASURE_MIN_LAYER_BYTES
+    layers = sum(math.prod(shape) for key, shape in expected_shapes(cfg).items() if key.startswith("llm/layers/"))
+    return device.platform == "cpu" and 4 * layers // cfg.text.depth >= MEASURE_MIN_LAYER_BYTES
 
 
 def pick(figures: dict[CpuForm, Figures]) -> CpuForm:
@@ -195,16 +195,17 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
     text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
     figures, prefill_ms = {}, {}
+    dtypes_compete = len({form.dtype for form in forms}) > 1
     for form in sorted(forms, key=lambda form: form.dtype != "float32"):
         try:
             layers = _constant_layers(cfg, text, form.dtype)
-            decoded = _per_layer(layers) if form.layer_views else layers
+            decoded = per_layer_views(layers) if form.layer_views else layers
             if decoded is None:  # no views of these shapes: generation would decode stacked too
                 continue
             decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
             best = min((f.request_ms for f in figures.values()), default=None)
             has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
-            if form.dtype not in prefill_ms and has_a_chance and len({f.dtype for f in forms}) > 1:
+            if form.dtype not in prefill_ms and has_a_chance and dtypes_compete:
                 rows = min(prompt_rows, PREFILL_ROWS)
                 prefill_ms[form.dtype] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
         except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
@@ -234,16 +235,6 @@ def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str) -> dict
 def _float_dtype(dtype: str) -> str:
     """The float dtype beside a form's weights: float32 beside int8 (as load gives on CPU)."""
     return "float32" if dtype == quantize.INT8 else dtype
-
-
-def _per_layer(layers) -> list | None:
-    """Stacked layer weights as the per-layer views decoding on CPU uses (cpu_memory.decode_params), or None
-    where that cannot be done (then decoding stays stacked whatever is measured)."""
-    leaves, structure = jax.tree.flatten(layers)
-    views = [layer_views(leaf) for leaf in leaves]
-    if any(v is None for v in views):
-        return None
-    return [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
 
 
 def _llm(layers, text: TextConfig, dtype: str) -> dict:

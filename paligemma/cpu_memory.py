@@ -68,14 +68,20 @@ def decode_params(params, per_layer: bool = True):
     and XLA hoists it out of the decode loop, so every layer's float copy is made before the loop and held
     through it (int8 then costs more memory than float32, and reads float per token). Stacked, each layer's
     dequantisation reads the layer scan's slice and stays inside the loop."""
-    leaves, structure = jax.tree.flatten(params["llm"]["layers"])  # int8 layers flatten to values and scales
+    leaves = jax.tree.leaves(params["llm"]["layers"])  # int8 layers flatten to values and scales
     if not per_layer or any(leaf.dtype == np.int8 for leaf in leaves):
         return params
+    layers = per_layer_views(params["llm"]["layers"])
+    return params if layers is None else {**params, "llm": {**params["llm"], "layers": layers}}
+
+
+def per_layer_views(layers) -> list | None:
+    """Stacked decoder layers {name: [L, ...]} as L per-layer dicts of views, or None where any leaf has none."""
+    leaves, structure = jax.tree.flatten(layers)
     views = [layer_views(leaf) for leaf in leaves]
     if not views or any(v is None for v in views):
-        return params
-    per_layer = [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
-    return {**params, "llm": {**params["llm"], "layers": per_layer}}
+        return None
+    return [jax.tree.unflatten(structure, [v[i] for v in views]) for i in range(len(views[0]))]
 
 
 def check_alive(params) -> None:

@@ -86,7 +86,7 @@ def test_forms_that_cannot_run_here_are_no_candidates(monkeypatch, tmp_path):
             raise RuntimeError("INTERNAL: no bfloat16 here")
         return decode_ms(text, layers, dtype, cache_length)
 
-    monkeypatch.setattr(cpu_forms, "layer_views", lambda leaf: None)
+    monkeypatch.setattr(cpu_forms, "per_layer_views", lambda layers: None)
     monkeypatch.setattr(cpu_forms, "_decode_ms", failing_bfloat16)
     choice = cpu_forms.choose(cfg)
     assert set(choice.figures) == {STACKED, INT8} and choice.form in (STACKED, INT8)
