@@ -44,7 +44,8 @@ if __name__ == "__main__" and not __package__:
 
 from bench.generate import PROMPT, common_prefix, memory_bandwidth_gbs, model_config, prepare, write_inputs  # noqa: E402
 from bench.memory import peak_rss_gib  # noqa: E402
-from paligemma.cpu_kind import VECTOR_FLAGS, cpu  # noqa: E402
+from paligemma import cpu_kind  # noqa: E402
+from paligemma.cpu_kind import cpu  # noqa: E402
 
 MODULE = [sys.executable, "-m", "bench.accelerator"]  # the measured subprocesses, run from ROOT
 TORCH_DEVICE = "cuda"  # where transformers runs (the test of that branch runs it on the CPU with CUDA's calls stubbed)
@@ -384,9 +385,8 @@ def _num(value, digits: int = 2) -> str:
 def table(result: dict) -> str:
     """The machine, the device and one markdown table: parity rows, then speed rows."""
     cpu, device, bound = result["cpu"], result["device"], result["bandwidth_bound"]
-    features = ", ".join(cpu["vector_flags"]) or "none of " + ", ".join(VECTOR_FLAGS)
     lines = [
-        f"CPU: {cpu['cpu']} — vector features: {features}",
+        cpu_kind.line(cpu),
         f"device: {device['kind']} ({device['platform']}, {device['count']} device(s), jax {device['jax']}), "
         f"default dtype {device['default_dtype']}",
         f"memory-bandwidth bound: {_num(bound['gbs'], 1) or 'none'} GB/s ({bound['source']})",

@@ -8,9 +8,10 @@ for text in model.stream(image, "caption en"): ...  # text so far, chunk by chun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +271,7 @@ def load(
     mask_decoder: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | jax.sharding.Mesh | None = None,
     progress: hub.Progress | None = None,
+    status: Callable[[str], None] | None = None,
 ) -> Model:
     """Loads a .npz file, a folder holding one, a Hugging Face-format folder, a Hub repo id or a
     `kaggle:OWNER/MODEL/FRAMEWORK/VARIATION[/VERSION]` handle.
@@ -289,6 +291,8 @@ def load(
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     progress: called with (file name, bytes done, bytes total) while files download.
+    status: called with what the load does next, in words, before each step after the downloads that can take a
+    while (measuring this CPU's forms: seconds, first load on this CPU kind only; reading the weights).
     """
     if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPE_NAMES)}")
@@ -318,10 +322,13 @@ def load(
         and asked in (None, "float32")
         and cpu_forms.applies(cfg, target)
     ):
-        cpu_form = cpu_forms.choose(cfg, asked)
+        measuring = None if status is None else functools.partial(status, cpu_forms.MEASURING)
+        cpu_form = cpu_forms.choose(cfg, asked, measuring=measuring)
     if cpu_form is not None:
         quantize_int8 = cpu_form.form.dtype == INT8  # the float32 default stays beside the int8 matrices
         dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
+    if status is not None:
+        status("reading the weights")
     params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
     model.mask_decoder_note = note

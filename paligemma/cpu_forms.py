@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,9 @@ MEASURED_LAYERS = 2  # enough to see the layer scan's cost against per-layer vie
 # a page fault) only ever adds time; a third run only while the first two took under REPEAT_BUDGET_S.
 REPEATS = 3
 REPEAT_BUDGET_S = 0.3
+
+# What a load says while it measures (load's `status`): a pause of seconds, once per CPU kind and model shape.
+MEASURING = "measuring this CPU's fastest form for this model (first load on this CPU kind only)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +133,13 @@ def pick(figures: dict[CpuForm, Figures]) -> CpuForm:
     return best
 
 
-def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice | None:
+def choose(
+    cfg: PaliGemmaConfig, dtype: str | None = None, measuring: Callable[[], None] | None = None
+) -> Choice | None:
     """Measures the candidate forms for cfg's decoder on this CPU and picks one. dtype: None (any candidate)
     or the one float dtype the caller asked for (then only the layout is chosen). None where no candidate
-    could be measured (then the model loads as it would without measuring)."""
+    could be measured (then the model loads as it would without measuring). measuring: called before a
+    measurement (not for a remembered choice), so that a caller can say why its load pauses."""
     key, store = _key(cfg, dtype), _store_path()
     remembered = _read(store).get(key) if store else None
     if remembered is not None:
@@ -140,6 +147,8 @@ def choose(cfg: PaliGemmaConfig, dtype: str | None = None) -> Choice | None:
             return Choice.from_json(remembered)
         except (KeyError, TypeError, ValueError):  # not a record this version wrote: measure again
             pass
+    if measuring is not None:
+        measuring()
     start = time.perf_counter()
     figures = measure(cfg, [form for form in FORMS if dtype is None or form.dtype == dtype])
     if not figures:

@@ -49,3 +49,12 @@ def cpu() -> dict:
         "vector_flags": [flag for flag in VECTOR_FLAGS if flag in flags],
         "cores": os.cpu_count(),
     }
+
+
+def line(kind: dict | None = None) -> str:
+    """One line for a benchmark table: the CPU, its family, its cores and its vector features (`kind`: a cpu()
+    result, default this machine's)."""
+    kind = kind or cpu()
+    features = ", ".join(kind["vector_flags"]) or "none of " + ", ".join(VECTOR_FLAGS)
+    family = f" (family {kind['family_or_model']})" if kind.get("family_or_model") else ""
+    return f"CPU: {kind['cpu']}{family}, {kind['cores']} cores — vector features: {features}"

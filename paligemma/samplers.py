@@ -74,9 +74,19 @@ def sample(logits, kind_id, value, key):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def drawn(adjust):
-        return lambda: jax.random.categorical(key, adjust(logits, value), axis=-1).astype(jnp.int32)
+        return lambda: _draw(key, adjust(logits, value))
 
     return jax.lax.switch(kind_id, (greedy, drawn(_temperature), drawn(_nucleus)))
+
+
+def _draw(key, logits):
+    """int32[B]: one token per row from softmax(logits), by inverting the cumulative distribution at one uniform
+    number per row. As exact as jax.random.categorical, which draws a Gumbel number for every token of the
+    vocabulary: 6.4 ms per row of 257 k on a 2-core CPU, against 1.3 ms here. A token of probability 0 (-inf,
+    e.g. outside the nucleus) is never drawn: its cumulative value equals its predecessor's."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, V]
+    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]  # [B, 1], in [0, total)
+    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def sampling_log_probs(logits, kind_id, value):
@@ -98,10 +108,30 @@ def _temperature(logits, value):
 
 
 def _nucleus(logits, value):
-    """Logits outside the smallest set of top tokens whose probability reaches P (always at least the top one)
-    set to -inf."""
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(before < value, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+    """Logits outside the nucleus set to -inf: the smallest set of top tokens whose probability reaches P (ties at
+    its edge kept, always at least the top one); P = 1 keeps every token.
+
+    Found without sorting the vocabulary (a sort of 257 k logits took 60-70 ms per row on a 2-core CPU, more than
+    a whole decode step of the mid config). A token is in the nucleus exactly when the probability of the tokens
+    above it is below P, and that probability falls as the logit rises; so a bisection over the logits'
+    order-preserving int32 keys finds the lowest kept one: 32 halvings, each one masked sum over the vocabulary
+    (1.6 ms per row of 257 k)."""
+    keys = _order_keys(logits)  # int32[B, V], ordered as the logits
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    def halve(_, bounds):
+        low, high = bounds  # the lowest kept key lies in [low, high]
+        mid = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2) without int32 overflow
+        above = jnp.sum(jnp.where(keys > mid, probs, 0.0), axis=-1, keepdims=True)
+        kept = above < value  # a token keyed `mid` would be kept: the lowest kept key is at most mid
+        return jnp.where(kept, low, mid + 1), jnp.where(kept, mid, high)
+
+    bounds = (jnp.min(keys, axis=-1, keepdims=True), jnp.max(keys, axis=-1, keepdims=True))  # the top one is kept
+    _, lowest = jax.lax.fori_loop(0, 32, halve, bounds)
+    return jnp.where((keys >= lowest) | (value >= 1), logits, -jnp.inf)
+
+
+def _order_keys(x):
+    """float32 -> int32 keys in the same order (negative floats' magnitude bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)

@@ -44,12 +44,24 @@ def wait_for_page(url: str, timeout_s: float, process: subprocess.Popen | None =
     raise ServerError(f"{url} did not answer within {timeout_s} s")
 
 
+def wait_for_log(log_path: str, text: str, timeout_s: float) -> float:
+    """Seconds until the server's log holds `text` (e.g. that the default model is prepared); raises ServerError
+    when time runs out first."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        with open(log_path, errors="replace") as log:
+            if text in log.read():
+                return time.monotonic() - start
+        time.sleep(0.5)  # a file another process appends to: nothing to wait on but time
+    raise ServerError(f"the server's log did not say {text!r} within {timeout_s} s")
+
+
 @contextlib.contextmanager
-def app_process(registry_file: str, log_path: str, env: dict[str, str] | None = None):
-    """`python app.py` (the README's command) on a free loopback port, its output in `log_path`:
+def app_process(registry_file: str, log_path: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    """`python app.py` (the README's command, plus `args`) on a free loopback port, its output in `log_path`:
     yields (url, seconds until the page was served), and stops the server on exit."""
     port = free_port()
-    command = [sys.executable, APP, "--host", LOOPBACK, "--port", str(port), "--models", registry_file]
+    command = [sys.executable, APP, "--host", LOOPBACK, "--port", str(port), "--models", registry_file, *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             command,

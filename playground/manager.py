@@ -284,6 +284,7 @@ class ModelManager:
             tokenizer=entry.tokenizer,
             mask_decoder=entry.mask_decoder,
             progress=downloading,
+            status=lambda message: step(_DOWNLOAD[1], message),
         )
         masks = postprocess.MaskDecoder.load(model.mask_decoder_path) if model.mask_decoder_path else None
         if self.warmup_tokens is not None:

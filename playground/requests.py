@@ -62,6 +62,7 @@ NO_SCORES = "This run recorded no token scores, so there is nothing to debug."
 SCHEDULERS = ("auto", "batch", "continuous")
 WARM_PROMPT_TOKENS = tuple(b for b in paligemma.PROMPT_BUCKETS if b <= 64)  # each compiled ahead of the first visitor
 _ARRIVED = "playground_arrived"
+PREPARED = "prepared for common requests:"  # the log line's words once the page says "ready" (bench.soak waits for it)
 PROGRESS = gr.Progress()  # as a default it marks the handler's progress argument; Gradio passes the event's own
 
 
@@ -304,10 +305,12 @@ class Playground:
         done = self._preparing[model] = threading.Event()
 
         def prepare():
+            start = time.monotonic()
             try:
                 self.manager.get(model)
                 self.warm(model)
                 self.precompute(model, examples)
+                log.info("%s %r in %.1f s", PREPARED, model, time.monotonic() - start)
             except ValueError as err:  # the page says why the model is unavailable
                 log.warning("preparing %r: %s", model, err)
             finally:

@@ -181,6 +181,27 @@ def test_a_choice_is_remembered_per_cpu_kind_and_shapes(measured, tmp_path, monk
     assert len(measured.calls) == 8
 
 
+def test_a_load_says_it_measures_the_first_time_only_and_the_page_shows_it(tiny_model_dir, measured, tmp_path):
+    from playground import registry
+    from playground.manager import ModelManager
+
+    measured.figures = figures(views=100, stacked=120, bf16=130)
+    said = []
+    paligemma.load(str(tiny_model_dir), status=said.append)
+    assert said == [cpu_forms.MEASURING, "reading the weights"]
+    said.clear()
+    paligemma.load(str(tiny_model_dir), status=said.append)  # remembered: no pause to explain
+    assert said == ["reading the weights"]
+
+    (tmp_path / "cpu_forms.json").unlink()
+    (tmp_path / "models.json").write_text(json.dumps({"models": [{"name": "mine", "source": str(tiny_model_dir)}]}))
+    manager = ModelManager(registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json")), warmup_tokens=None)
+    steps = []
+    manager.get("mine", progress=lambda fraction, message: steps.append(message), poll_s=0.01)
+    assert cpu_forms.MEASURING in steps and steps.index(cpu_forms.MEASURING) < steps.index("reading the weights")
+    assert steps[-1] == "ready"
+
+
 def test_the_cli_says_what_it_measured_the_first_time_only(tiny_model_dir, measured, tmp_path, capsys):
     from PIL import Image
 
