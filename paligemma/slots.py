@@ -51,7 +51,7 @@ DEFAULT_SLOTS = {"cpu": 8}
 DEFAULT_CHUNK = {"cpu": 8}
 ACCELERATOR_SLOTS = 16
 ACCELERATOR_CHUNK = 16
-GREEDY = KINDS.index("greedy")  # what finished and free rows run (a nucleus sorts the whole vocabulary)
+GREEDY = KINDS.index("greedy")  # what finished and free rows run (the cheapest: one argmax, no draw)
 
 
 def default_slots(platform: str) -> int:
@@ -345,7 +345,8 @@ def _admit(
 
 def _sample_rows(logits, kind_ids, values, keys):
     """samplers.sample for each row with its own kind, value and key: int32[S]. Row by row (lax.map), so that
-    each runs only its own sampler (a nucleus sorts the whole vocabulary), as it would in a batch of one."""
+    each runs only its own sampler (a nucleus passes over the whole vocabulary 33 times), as it would in a batch
+    of one."""
 
     def one(row):
         row_logits, kind_id, value, key = row

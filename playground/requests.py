@@ -281,8 +281,10 @@ def make_scheduler(kind: str = "auto") -> Batcher | Scheduler:
     """What concurrent runs share the model through: `continuous` batching (requests join and leave a running
     decode) or `batch` (requests with the same settings that arrive together share one generate call). `auto`:
     continuous on accelerators, where a decode step of 16 rows costs little more than one; batch on CPU, where
-    8 rows cost about 2.3× one and continuous batching measured 0.8× batch's throughput on the demo model
-    (bench/continuous.py; 1.23× on the mid model, with a 5× shorter p95 time to first token)."""
+    8 rows cost about 2.3× one and a visitor alone is the common case. Through the app on 2 cores (bench/soak.py),
+    continuous gave 0.91-0.94× batch's throughput to one client (demo and mid), 0.86-1.06× on the demo model at
+    4-16 clients, and on the mid model 1.32-1.78× the throughput with a 0.12-0.36× p95 time to first token: a
+    CPU server expecting crowds should pass `--scheduler continuous`."""
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")
     if kind == "auto":
