@@ -38,7 +38,7 @@ import httpx
 from bench import workload
 from bench.generate import DEMO, TOKENIZER, prepare
 from paligemma import cpu_kind
-from playground.app_process import app_process, wait_for_log
+from playground.app_process import app_process
 from playground.registry import DEMO_NAME
 from playground.requests import PREPARED
 
@@ -171,8 +171,9 @@ def measure(model: str, scheduler: str, clients: list[int], count: int, warmup: 
     rows = {}
     try:
         registry = registry_file(model, folder, bench_dir)
-        with app_process(registry, log_path, args=("--scheduler", scheduler)) as (url, _):
-            wait_for_log(log_path, PREPARED, PREPARE_TIMEOUT_S)  # compiled and the examples answered: "ready"
+        # Measured once the log says the model is prepared: compiled and the gallery answered, the page's "ready".
+        prepared = (PREPARED, PREPARE_TIMEOUT_S)
+        with app_process(registry, log_path, args=("--scheduler", scheduler), log_line=prepared) as (url, _):
             send = sender(url, name)
             workload.closed_loop(send, workload.mixed(warmup), max(clients))  # compiles what the clients form
             for n in clients:

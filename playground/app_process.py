@@ -31,35 +31,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_page(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> float:
-    """Seconds until `url` answers 200; raises ServerError if `process` exits first or time runs out."""
+def _wait(ready, timeout_s: float, process: subprocess.Popen | None, interval_s: float, missing: str) -> float:
+    """Seconds until ready() is true; raises ServerError if `process` exits first or time runs out (`missing`
+    says what did not happen)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if process is not None and process.poll() is not None:
             raise ServerError(f"the server exited with code {process.returncode}")
+        if ready():
+            return time.monotonic() - start
+        time.sleep(interval_s)  # polling a socket or a file: nothing to wait on but time
+    raise ServerError(f"{missing} within {timeout_s} s")
+
+
+def wait_for_page(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> float:
+    """Seconds until `url` answers 200; raises ServerError if `process` exits first or time runs out."""
+
+    def answers() -> bool:
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
-            if response.status == 200:
-                return time.monotonic() - start
-        time.sleep(0.2)  # polling a socket: nothing to wait on but time
-    raise ServerError(f"{url} did not answer within {timeout_s} s")
+            return response.status == 200
+        return False
+
+    return _wait(answers, timeout_s, process, 0.2, f"{url} did not answer")
 
 
-def wait_for_log(log_path: str, text: str, timeout_s: float) -> float:
+def wait_for_log(log_path: str, text: str, timeout_s: float, process: subprocess.Popen | None = None) -> float:
     """Seconds until the server's log holds `text` (e.g. that the default model is prepared); raises ServerError
-    when time runs out first."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+    if `process` exits first or time runs out."""
+
+    def logged() -> bool:
         with open(log_path, errors="replace") as log:
-            if text in log.read():
-                return time.monotonic() - start
-        time.sleep(0.5)  # a file another process appends to: nothing to wait on but time
-    raise ServerError(f"the server's log did not say {text!r} within {timeout_s} s")
+            return text in log.read()
+
+    return _wait(logged, timeout_s, process, 0.5, f"the server's log did not say {text!r}")
 
 
 @contextlib.contextmanager
-def app_process(registry_file: str, log_path: str, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+def app_process(
+    registry_file: str,
+    log_path: str,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    log_line: tuple[str, float] | None = None,
+):
     """`python app.py` (the README's command, plus `args`) on a free loopback port, its output in `log_path`:
-    yields (url, seconds until the page was served), and stops the server on exit."""
+    yields (url, seconds until the page was served), and stops the server on exit. log_line: (text, timeout_s),
+    also wait until the log says `text` (e.g. that the default model is prepared) before yielding."""
     port = free_port()
     command = [sys.executable, APP, "--host", LOOPBACK, "--port", str(port), "--models", registry_file, *args]
     with open(log_path, "w") as log:
@@ -72,7 +89,10 @@ def app_process(registry_file: str, log_path: str, env: dict[str, str] | None = 
         )
         try:
             url = f"http://{LOOPBACK}:{port}/"
-            yield url, wait_for_page(url, SERVE_TIMEOUT_S, process)
+            served = wait_for_page(url, SERVE_TIMEOUT_S, process)
+            if log_line is not None:
+                wait_for_log(log_path, *log_line, process)
+            yield url, served
         finally:
             process.terminate()
             try:

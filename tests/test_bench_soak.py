@@ -1,13 +1,16 @@
-"""bench.soak: how a request's time is split, which result files it fetches, its tables, and one real soak
-through `python app.py` (slow)."""
+"""bench.soak: how a request's time is split, which result files it fetches, its tables, waiting for the app to
+be prepared, and one real soak through `python app.py` (slow)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from bench import soak, workload
+from playground.app_process import ServerError, wait_for_log
 
 
 def test_a_request_is_split_into_the_servers_parts_the_web_layer_and_its_files():
@@ -78,6 +81,19 @@ def test_tables_give_each_ratio_and_the_targets():
     assert "not measured" in soak.targets_line({("batch", 1): _row(1.0, 1.0), ("batch", 4): _row(2.0, 1.0)})
     parts = soak.breakdown_table("demo", rows)
     assert "| 1 | batch | 0.100 (14%) |" in parts and parts.rstrip().endswith("| 0.700 |")
+
+
+def test_waiting_for_the_prepared_line_ends_when_it_is_logged_or_the_server_is_gone(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO model 'demo' ready in 2.5 s\nINFO prepared for common requests: 'demo' in 9.1 s\n")
+    assert wait_for_log(str(log), "prepared for common requests:", 5) < 1
+    log.write_text("INFO model 'demo' ready in 2.5 s\n")
+    with pytest.raises(ServerError, match="did not say 'prepared"):
+        wait_for_log(str(log), "prepared", 0.6)
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    gone.wait()
+    with pytest.raises(ServerError, match="exited with code 3"):  # at once, not after the timeout
+        wait_for_log(str(log), "prepared", 600, gone)
 
 
 @pytest.mark.slow
