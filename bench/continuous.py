@@ -1,7 +1,7 @@
 """Continuous batching (playground.continuous.Scheduler) against request batching (playground.batching.Batcher),
 in one process, on the same model and the same mixed workload, in the same run.
 
-    python -m bench.continuous [--configs demo mid] [--clients 1 4 8] [--requests 24]
+    python -m bench.continuous [--configs demo mid] [--clients 1 4 8] [--requests 24] [--shared-chunks 8]
 
 Each client (a thread) sends its next request when its last one has finished: the gallery's prompts (different
 lengths) and images, token limits of 12 to 64, greedy / temperature(0.7) / nucleus(0.9), each request its own
@@ -9,7 +9,8 @@ seed. Per model and scheduler, one uncounted pass at the largest client count co
 Scheduler.warmup its decode loops; shapes still compiled while measuring are counted). Per (model, scheduler,
 clients): requests/s, generated tokens/s, p50/p95 time to first token (submit -> first update) and latency
 (submit -> last update), errors. Prints JSON lines, then one table with the CPU line and the ratios
-continuous ÷ batching.
+continuous ÷ batching. `--shared-chunks 8` adds the continuous scheduler as it was before it shortened its decode
+chunks while several requests share them (CPU: chunks of 8 throughout), for a before/after in the same run.
 
 Models: `demo` (assets/demo, trained: short answers) and `mid` (bench.generate's ~167 M-parameter config with
 random weights and the full 257 k vocabulary: the model, not the scheduler, dominates a request).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
 
@@ -30,8 +32,6 @@ from bench.generate import DEMO, TOKENIZER, model_config
 from paligemma import cpu_kind
 from playground.batching import Batcher
 from playground.continuous import Scheduler
-
-SCHEDULERS = {"batching": Batcher, "continuous": Scheduler}
 
 
 def load_model(name: str) -> paligemma.Model:
@@ -60,11 +60,16 @@ def drive(scheduler, model, requests: list[workload.Request], clients: int) -> t
     return workload.closed_loop(send, requests, clients)
 
 
-def measure(config: str, clients: list[int], count: int) -> dict:
+def measure(config: str, clients: list[int], count: int, shared_chunks: list[int] = ()) -> dict:
+    """shared_chunks: the continuous scheduler also with these chunk lengths while requests share the decode
+    (Scheduler's shared_chunk; the chunk itself, e.g. 8 on CPU, decodes as before shared chunks existed)."""
     model = load_model(config)
     requests = workload.mixed(count)
+    schedulers = {"batching": Batcher}
+    schedulers |= {f"continuous, shared chunk {n}": functools.partial(Scheduler, shared_chunk=n) for n in shared_chunks}
+    schedulers["continuous"] = Scheduler
     rows = {}
-    for name, kind in SCHEDULERS.items():
+    for name, kind in schedulers.items():
         scheduler = kind()
         if isinstance(scheduler, Scheduler):
             scheduler.warmup(model)  # every row count of its decode loop
@@ -81,15 +86,25 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", default=["demo", "mid"], choices=["tiny", "demo", "mid"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--requests", type=int, default=24, help="measured requests per (scheduler, clients)")
+    parser.add_argument(
+        "--shared-chunks",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also measure continuous batching with these decode chunk lengths while requests share the decode",
+    )
     args = parser.parse_args(argv)
-    if min(args.clients) < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be at least 1")
+    if min(args.clients) < 1 or args.requests < 1 or min(args.shared_chunks, default=1) < 1:
+        parser.error("--clients, --requests and --shared-chunks must be at least 1")
     clients = sorted(set(args.clients))
     paligemma.enable_compile_cache()
     settings = {"requests": args.requests, "limits": workload.LIMITS, "samplers": workload.SAMPLERS}
     print(json.dumps({"machine": cpu_kind.cpu(), **settings}))
     tables = [
-        workload.table(f"{config}: continuous batching vs request batching", measure(config, clients, args.requests))
+        workload.table(
+            f"{config}: continuous batching vs request batching",
+            measure(config, clients, args.requests, args.shared_chunks),
+        )
         for config in args.configs
     ]
     print("\n" + cpu_kind.line() + "\n".join(tables))

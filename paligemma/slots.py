@@ -2,8 +2,9 @@
 
 A `SlotEngine` holds one KV cache for S slots. A request is prefilled alone (generate.py's prefill, batch 1, its
 own prompt bucket and image) and its cache row copied into a free slot; `advance` then moves every live slot on
-by up to C tokens in one compiled loop, each slot at its own step, with its own sampler, seed, token limit and
-EOS. A finished or released slot takes the next request, so nobody waits for the longest answer of a batch.
+by up to C tokens (or as few as the caller asks, in the same executable) in one compiled loop, each slot at its
+own step, with its own sampler, seed, token limit and EOS. A finished or released slot takes the next request,
+so nobody waits for the longest answer of a batch.
 
 Layout of a slot's row of the cache (P image tokens, the largest prompt bucket, N = the engine's token limit):
 
@@ -174,14 +175,19 @@ class SlotEngine:
         if idle:
             self._state = None
 
-    def advance(self) -> None:
-        """Moves every live slot on by up to `chunk` tokens (fewer where it finishes), in one compiled call."""
+    def advance(self, steps: int | None = None) -> None:
+        """Moves every live slot on by up to `steps` tokens (default and most: `chunk`; fewer where it finishes),
+        in one compiled call whatever `steps` is: a shorter chunk lets a waiting request join sooner, for a host
+        round trip more per token."""
+        steps = self.chunk if steps is None else steps
+        if not isinstance(steps, int) or not 1 <= steps <= self.chunk:
+            raise ValueError(f"steps must be a whole number from 1 to {self.chunk}, got {steps!r}")
         if not self.live:
             return
         check_alive(self._generator.params)
         record = any(self._scored[i] for i in self.live)
         advance = self._advance_fn(record, bucket(max(self.live) + 1, tuple(self._row_counts)))
-        self._state = advance(self._generator.decode_params, self._state)
+        self._state = advance(self._generator.decode_params, self._state, np.int32(steps))
         self._read_back()
 
     def read(self, slot: int) -> SlotView:
@@ -257,9 +263,10 @@ class SlotEngine:
 
     def _advance_fn(self, record: bool, rows: int) -> jax.stages.Compiled:
         if (record, rows) not in self._advances:
-            fn = functools.partial(_advance, rows=rows, chunk=self.chunk, record=record, **self._jit_options())
+            fn = functools.partial(_advance, rows=rows, record=record, **self._jit_options())
+            steps = jax.ShapeDtypeStruct((), np.int32, sharding=self._replicated)
             self._advances[record, rows] = (
-                jax.jit(fn, donate_argnums=1).lower(self._generator.decode_params, self._state).compile()
+                jax.jit(fn, donate_argnums=1).lower(self._generator.decode_params, self._state, steps).compile()
             )
         return self._advances[record, rows]
 
@@ -369,16 +376,16 @@ def _record_rows(state, logits, token, live, kinds):
     return {name: jnp.where(live.reshape(-1, *[1] * (new[name].ndim - 1)), new[name], old[name]) for name in new}
 
 
-def _advance(params, state, *, rows, chunk, record, cfg, valid_vocab, eos_id, cache_sharding):
-    """Up to `chunk` decode steps of the first `rows` slots, which hold every live one (admission takes the lowest
-    free slot): on CPU a decode step of 8 rows costs 2-4× one row's (measured on the mid config: 69 vs 245 ms on
-    an AVX2 EPYC, 33 vs 73 ms on an AVX-512 one), so a lightly loaded engine runs fewer rows. The rows are copied
-    out and back once per chunk, not per step."""
+def _advance(params, state, steps, *, rows, record, cfg, valid_vocab, eos_id, cache_sharding):
+    """Up to `steps` (traced: any chunk length, one executable) decode steps of the first `rows` slots, which hold
+    every live one (admission takes the lowest free slot): on CPU a decode step of 8 rows costs 2-4× one row's
+    (measured on the mid config: 69 vs 245 ms on an AVX2 EPYC, 33 vs 73 ms on an AVX-512 one), so a lightly loaded
+    engine runs fewer rows. The rows are copied out and back once per chunk, not per step."""
     if rows == state["tokens"].shape[0]:
-        return _advance_rows(params, state, chunk, record, cfg, valid_vocab, eos_id, cache_sharding)
+        return _advance_rows(params, state, steps, record, cfg, valid_vocab, eos_id, cache_sharding)
     first = {name: value[:rows] for name, value in state.items() if name != "cache"}
     first["cache"] = jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, rows, axis=c.ndim - 4), state["cache"])
-    done = _advance_rows(params, first, chunk, record, cfg, valid_vocab, eos_id, cache_sharding)
+    done = _advance_rows(params, first, steps, record, cfg, valid_vocab, eos_id, cache_sharding)
     back = {name: state[name].at[:rows].set(value) for name, value in done.items() if name != "cache"}
     back["cache"] = jax.tree.map(
         lambda c, d: jax.lax.dynamic_update_slice_in_dim(c, d, 0, axis=c.ndim - 4), state["cache"], done["cache"]
@@ -386,15 +393,15 @@ def _advance(params, state, *, rows, chunk, record, cfg, valid_vocab, eos_id, ca
     return back
 
 
-def _advance_rows(params, state, chunk, record, cfg, valid_vocab, eos_id, cache_sharding):
-    """Up to `chunk` decode steps of every live row (until all are done); finished and free rows compute along
+def _advance_rows(params, state, steps, record, cfg, valid_vocab, eos_id, cache_sharding):
+    """Up to `steps` decode steps of every live row (until all are done); finished and free rows compute along
     but change nothing that is read (their tokens are not written, their cache writes stay in their rows)."""
     n = state["tokens"].shape[1]
     rows = jnp.arange(state["tokens"].shape[0])
 
     def cond(carry):
         i, s = carry
-        return (i < chunk) & ~jnp.all(s["done"])
+        return (i < steps) & ~jnp.all(s["done"])
 
     def body(carry):
         i, s = carry

@@ -51,6 +51,7 @@ class _Job:
     timing: Timing = dataclasses.field(default_factory=Timing)
     wait_s: float = 0.0
     admitted: float = 0.0
+    reported: int = 0  # tokens in its last update
 
 
 class Scheduler:
@@ -60,13 +61,19 @@ class Scheduler:
         slots: int | None = None,
         chunk: int | None = None,
         pools: tuple[int, ...] = POOLS,
+        shared_chunk: int | None = None,
     ):
         """seed: for requests submitted without one. slots, chunk: decode slots per pool and tokens per decode
-        chunk (None: paligemma.slots' defaults for the device). pools: token limits of the slot pools; a request
-        takes a slot of the smallest pool that holds its limit, and the largest is the most a request may ask for."""
+        chunk and per streamed update (None: paligemma.slots' defaults for the device). pools: token limits of the
+        slot pools; a request takes a slot of the smallest pool that holds its limit, and the largest is the most a
+        request may ask for. shared_chunk: tokens per decode chunk while a model serves more than one request
+        (None: a quarter of the chunk): a newcomer then waits fewer steps for a slot (see `_steps`)."""
         if not pools or any(not isinstance(n, int) or not 1 <= n <= paligemma.MAX_NEW_TOKENS for n in pools):
             raise ValueError(f"pools must be token limits from 1 to {paligemma.MAX_NEW_TOKENS}, got {pools!r}")
+        if shared_chunk is not None and (not isinstance(shared_chunk, int) or shared_chunk < 1):
+            raise ValueError(f"shared_chunk must be a whole number of at least 1, got {shared_chunk!r}")
         self.seed, self.slots, self.chunk, self.pools = seed, slots, chunk, tuple(sorted(set(pools)))
+        self.shared_chunk = shared_chunk
         self.max_new_tokens = self.pools[-1]
         self._engines: weakref.WeakKeyDictionary[paligemma.Model, dict[int, SlotEngine]] = weakref.WeakKeyDictionary()
         self._pending: list[_Job] = []
@@ -191,18 +198,32 @@ class Scheduler:
             return
         compiles = engine.compile_count
         try:
-            engine.advance()
+            engine.advance(self._steps(engine))
         except Exception as err:  # the shared state is gone: every request in it hears of it
             self._fail_all(engine, err)
             return
         for job in list(jobs.values()):
             job.timing.compiled |= engine.compile_count > compiles
             job.timing.decode_s = time.perf_counter() - job.admitted
-            self._report(engine, job)
+            self._report(engine, job, every=engine.chunk)
 
-    def _report(self, engine: SlotEngine, job: _Job) -> None:
-        """Puts the job's text so far on its stream; a finished job leaves its slot."""
+    def _steps(self, engine: SlotEngine) -> int:
+        """The next chunk's length: the engine's whole chunk for a request alone, fewer steps while it serves
+        others too, when a slot that frees mid-chunk would idle and a newcomer wait for the chunk's end. Whole
+        chunks for one request: each chunk costs a host round trip and a report (one client decoding in chunks of
+        2 instead of 8 measured 0.89x the throughput on the mid model); shared chunks of 2 instead of 8 gave 8
+        clients 1.17x the throughput and 0.78x the p95 time to first token (bench.continuous, 2 CPU cores)."""
+        with self._changed:
+            alone = len(self._running.get(engine, {})) <= 1 and not self._pending
+        return engine.chunk if alone else min(engine.chunk, self.shared_chunk or max(1, engine.chunk // 4))
+
+    def _report(self, engine: SlotEngine, job: _Job, every: int = 1) -> None:
+        """Puts the job's text so far on its stream once it has `every` tokens more than its last update (or is
+        finished: then it also leaves its slot), so that short chunks do not multiply the page's updates."""
         view = engine.read(job.slot)
+        if not view.done and len(view.token_ids) - job.reported < every:
+            return
+        job.reported = len(view.token_ids)
         ids = job.model.tokenizer.until_eos(view.token_ids)
         job.timing.new_tokens = len(view.token_ids)
         timing = {**job.timing.as_dict(), "batch_size": len(engine.busy), "batch_wait_s": round(job.wait_s, 4)}

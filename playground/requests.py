@@ -280,11 +280,12 @@ class Outcome:
 def make_scheduler(kind: str = "auto") -> Batcher | Scheduler:
     """What concurrent runs share the model through: `continuous` batching (requests join and leave a running
     decode) or `batch` (requests with the same settings that arrive together share one generate call). `auto`:
-    continuous on accelerators, where a decode step of 16 rows costs little more than one; batch on CPU, where
-    8 rows cost about 2.3× one and a visitor alone is the common case. Through the app on 2 cores (bench/soak.py),
-    continuous gave 0.91-0.94× batch's throughput to one client (demo and mid), 0.86-1.06× on the demo model at
-    4-16 clients, and on the mid model 1.32-1.78× the throughput with a 0.12-0.36× p95 time to first token: a
-    CPU server expecting crowds should pass `--scheduler continuous`."""
+    continuous on accelerators, where a decode step of 16 rows costs little more than one; batch on CPU. Through
+    the app on 2 cores (bench/soak.py), continuous gave one client 1.02-1.07× batch's throughput (demo and mid:
+    the same within the noise), and 4-16 clients 1.11-1.54× (demo) and 1.67-2.08× (mid) with a 0.11-0.46× p95
+    time to first token. CPU keeps batch for large models: at 3B-224 the slot engines compile for 50 s more and
+    hold 8 rows of KV cache per pool (0.8 GB for 64-token answers), which the load's memory check does not count.
+    A CPU server expecting crowds should pass `--scheduler continuous`."""
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")
     if kind == "auto":

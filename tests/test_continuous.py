@@ -135,6 +135,20 @@ def test_a_new_prompt_length_within_a_bucket_compiles_nothing(engine, tiny_model
     assert not [name for name in events if "compile" in name], events
 
 
+def test_a_shorter_chunk_runs_the_same_executable_and_gives_the_same_tokens(engine, tiny_model):
+    engine.precompile()
+    slot = _admit(engine, tiny_model, 0, SHORT, 16)
+    compiles = engine.compile_count
+    for steps, tokens in ((1, 2), (2, 4), (4, 8)):  # the prefill's token, then each chunk's
+        engine.advance(steps)
+        assert len(engine.read(slot).token_ids) == tokens
+    assert engine.compile_count == compiles
+    for bad in (0, SHAPE["chunk"] + 1, 2.0):
+        with pytest.raises(ValueError, match="steps"):
+            engine.advance(bad)
+    assert _finish(engine, tiny_model, [slot]) == [_alone(tiny_model, 0, SHORT, 16).token_ids[0]]
+
+
 # ---------------------------------------------------------------------- the scheduler
 
 
@@ -160,6 +174,37 @@ def test_scheduler_streams_each_request_its_solo_text_with_more_requests_than_sl
         reader.join(60)
     assert texts == [_alone(tiny_model, i, p, n, s, seed=3).texts[0] for i, p, n, s in requests]
     assert scheduler.engine(tiny_model).free == [0, 1, 2]
+
+
+def test_scheduler_shortens_chunks_only_while_requests_share_them_and_streams_every_chunk_of_tokens(
+    tiny_model, monkeypatch
+):
+    scheduler = Scheduler(**SCHEDULER, shared_chunk=1)
+    engine = scheduler.engine(tiny_model)
+    steps, advance = [], engine.advance
+    monkeypatch.setattr(engine, "advance", lambda n=None: (steps.append(n), advance(n)))
+
+    def updates(stream) -> list:
+        with contextlib.closing(stream):
+            return [u for u in stream if u is not None]
+
+    alone = updates(scheduler.submit(tiny_model, IMAGES[0], SHORT, 16))
+    assert set(steps) == {SCHEDULER["chunk"]}, "a request alone decodes whole chunks"
+    assert [u.timing["new_tokens"] for u in alone] == [1, 5, 9, 13, 16]
+    steps.clear()
+    requests = [(0, SHORT, 16), (1, LONG, 12)]
+    streams = [scheduler.submit(tiny_model, IMAGES[i], p, n) for i, p, n in requests]
+    got = [None] * len(streams)
+    readers = [threading.Thread(target=lambda i=i: got.__setitem__(i, updates(streams[i]))) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    assert 1 in steps, "chunks of shared_chunk steps while both decode"
+    for stream, (i, p, n) in zip(got, requests):
+        assert stream[-1].text == _alone(tiny_model, i, p, n).texts[0]
+        counts = [u.timing["new_tokens"] for u in stream]
+        assert all(b - a >= SCHEDULER["chunk"] for a, b in zip(counts, counts[1:-1])), counts  # not every step
 
 
 def test_scheduler_frees_a_cancelled_request_slot_and_raises_a_request_own_error_to_it_only(tiny_model, monkeypatch):
