@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import gemma, sharding
+from . import gemma, memory_fit, sharding
 from .cpu_memory import check_alive
 from .generate import (
     MAX_NEW_TOKENS,
@@ -52,11 +53,22 @@ DEFAULT_SLOTS = {"cpu": 8}
 DEFAULT_CHUNK = {"cpu": 8}
 ACCELERATOR_SLOTS = 16
 ACCELERATOR_CHUNK = 16
+# The share of the free memory (measured when an engine is made, after the weights are placed) that one engine's
+# KV cache may take when its slot count is left to the default: every slot holds a whole row of cache, so a model
+# that fills most of its device (a 10B on a 24 GB GPU: ~0.5 GB a slot with room for 1024 tokens) gets fewer slots
+# instead of running out of memory when the engine first fills. The app has two engines per model (token pools).
+SLOT_MEMORY_SHARE = 0.25
+log = logging.getLogger(__name__)
 GREEDY = KINDS.index("greedy")  # what finished and free rows run (the cheapest: one argmax, no draw)
 
 
 def default_slots(platform: str) -> int:
     return DEFAULT_SLOTS.get(platform, ACCELERATOR_SLOTS)
+
+
+def slots_that_fit(slots: int, slot_bytes: int, free_bytes: int) -> int:
+    """At most `slots`, as many as SLOT_MEMORY_SHARE of `free_bytes` holds at `slot_bytes` each, and at least one."""
+    return max(1, min(slots, int(free_bytes * SLOT_MEMORY_SHARE) // slot_bytes))
 
 
 def default_chunk(platform: str) -> int:
@@ -77,21 +89,30 @@ class SlotEngine:
     """S decode slots over one model's weights (the model's own compiled functions stay untouched).
 
     Holds the model's Generator, not the Model: a scheduler may key engines weakly by model. The slot state (KV
-    cache) exists only while some slot is in use, so an idle engine holds no cache memory.
+    cache) exists only while some slot is in use, so an idle engine holds no cache memory. slots None: the
+    device's default, or fewer where SLOT_MEMORY_SHARE of the free memory holds fewer rows of cache.
     """
 
     def __init__(self, model, slots: int | None = None, chunk: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS):
-        generator = model._generator
-        platform = next(iter(jax.tree.leaves(generator.params)[0].devices())).platform
-        self.slots = default_slots(platform) if slots is None else slots
-        self.chunk = default_chunk(platform) if chunk is None else chunk
-        for name, value, top in (("slots", self.slots, 1024), ("chunk", self.chunk, MAX_NEW_TOKENS)):
-            if not isinstance(value, int) or not 1 <= value <= top:
-                raise ValueError(f"{name} must be a whole number from 1 to {top}, got {value!r}")
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(
                 f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}"
             )
+        generator = model._generator
+        devices = sorted(jax.tree.leaves(generator.params)[0].devices(), key=lambda d: d.id)
+        platform = devices[0].platform
+        cache_len = generator.cfg.num_image_tokens + MAX_PROMPT_TOKENS + max_new_tokens
+        if slots is None:
+            dtype = np.dtype(generator.params["llm"]["embedder"]["input_embedding"].dtype).name
+            slot_bytes = memory_fit.kv_cache_bytes(generator.cfg, dtype, 1, cache_len)
+            slots = slots_that_fit(default_slots(platform), slot_bytes, memory_fit.free_bytes(devices)[0])
+            if slots < default_slots(platform):
+                log.info("%d decode slots (of %d) fit in a share of the free memory", slots, default_slots(platform))
+        self.slots = slots
+        self.chunk = default_chunk(platform) if chunk is None else chunk
+        for name, value, top in (("slots", self.slots, 1024), ("chunk", self.chunk, MAX_NEW_TOKENS)):
+            if not isinstance(value, int) or not 1 <= value <= top:
+                raise ValueError(f"{name} must be a whole number from 1 to {top}, got {value!r}")
         self.max_new_tokens = max_new_tokens
         self._generator = generator
         cfg = generator.cfg
@@ -99,7 +120,7 @@ class SlotEngine:
         mesh = sharding.mesh_of(generator.params)
         self._replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._cache_sharding = None if mesh is None else sharding.cache_sharding(cfg, mesh)
-        self._cache_len = cfg.num_image_tokens + MAX_PROMPT_TOKENS + max_new_tokens
+        self._cache_len = cache_len
         self._admits: dict[tuple[int, bool], jax.stages.Compiled] = {}
         self._advances: dict[tuple[bool, int], jax.stages.Compiled] = {}  # by (scores, rows)
         self._row_counts = sorted({min(2**i, self.slots) for i in range(self.slots.bit_length() + 1)})

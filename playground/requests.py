@@ -284,7 +284,7 @@ def make_scheduler(kind: str = "auto") -> Batcher | Scheduler:
     the app on 2 cores (bench/soak.py), continuous gave one client 1.02-1.07× batch's throughput (demo and mid:
     the same within the noise), and 4-16 clients 1.11-1.54× (demo) and 1.67-2.08× (mid) with a 0.11-0.46× p95
     time to first token. CPU keeps batch for large models: at 3B-224 the slot engines compile for 50 s more and
-    hold 8 rows of KV cache per pool (0.8 GB for 64-token answers), which the load's memory check does not count.
+    hold all their rows of KV cache while in use (0.8 GB for 8 slots of 64-token answers).
     A CPU server expecting crowds should pass `--scheduler continuous`."""
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import paligemma
-from paligemma.generate import PROMPT_BUCKETS, bucket
+from paligemma import memory_fit
+from paligemma.generate import MAX_PROMPT_TOKENS, PROMPT_BUCKETS, bucket
 from paligemma.preprocess import preprocess
-from paligemma.slots import SlotEngine
+from paligemma.slots import SLOT_MEMORY_SHARE, SlotEngine, default_slots
 from playground.continuous import Scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +148,16 @@ def test_a_shorter_chunk_runs_the_same_executable_and_gives_the_same_tokens(engi
         with pytest.raises(ValueError, match="steps"):
             engine.advance(bad)
     assert _finish(engine, tiny_model, [slot]) == [_alone(tiny_model, 0, SHORT, 16).token_ids[0]]
+
+
+def test_default_slots_are_as_many_rows_of_cache_as_a_share_of_the_free_memory_holds(tiny_model, monkeypatch):
+    dtype = np.dtype(tiny_model.params["llm"]["embedder"]["input_embedding"].dtype).name
+    cache_len = tiny_model.config.num_image_tokens + MAX_PROMPT_TOKENS + 16
+    slot_bytes = memory_fit.kv_cache_bytes(tiny_model.config, dtype, 1, cache_len)
+    for free, slots in ((2.5 * slot_bytes / SLOT_MEMORY_SHARE, 2), (0, 1), (1e15, default_slots("cpu"))):
+        monkeypatch.setattr(memory_fit, "free_bytes", lambda devices=None, free=free: (int(free), "test"))
+        assert SlotEngine(tiny_model, chunk=4, max_new_tokens=16).slots == slots, free
+    assert SlotEngine(tiny_model, slots=3, chunk=4, max_new_tokens=16).slots == 3, "an explicit count is kept"
 
 
 # ---------------------------------------------------------------------- the scheduler
