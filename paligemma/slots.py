@@ -67,7 +67,10 @@ def default_slots(platform: str) -> int:
 
 
 def slots_that_fit(slots: int, slot_bytes: int, free_bytes: int) -> int:
-    """At most `slots`, as many as SLOT_MEMORY_SHARE of `free_bytes` holds at `slot_bytes` each, and at least one."""
+    """At most `slots`, as many as SLOT_MEMORY_SHARE of `free_bytes` holds at `slot_bytes` each, and at least one.
+    free_bytes 0: unknown (a backend without memory statistics), `slots`."""
+    if free_bytes <= 0:
+        return slots
     return max(1, min(slots, int(free_bytes * SLOT_MEMORY_SHARE) // slot_bytes))
 
 

@@ -154,7 +154,8 @@ def test_default_slots_are_as_many_rows_of_cache_as_a_share_of_the_free_memory_h
     dtype = np.dtype(tiny_model.params["llm"]["embedder"]["input_embedding"].dtype).name
     cache_len = tiny_model.config.num_image_tokens + MAX_PROMPT_TOKENS + 16
     slot_bytes = memory_fit.kv_cache_bytes(tiny_model.config, dtype, 1, cache_len)
-    for free, slots in ((2.5 * slot_bytes / SLOT_MEMORY_SHARE, 2), (0, 1), (1e15, default_slots("cpu"))):
+    cases = ((2.5 * slot_bytes / SLOT_MEMORY_SHARE, 2), (1, 1), (1e15, default_slots("cpu")), (0, default_slots("cpu")))
+    for free, slots in cases:  # free 0: unknown
         monkeypatch.setattr(memory_fit, "free_bytes", lambda devices=None, free=free: (int(free), "test"))
         assert SlotEngine(tiny_model, chunk=4, max_new_tokens=16).slots == slots, free
     assert SlotEngine(tiny_model, slots=3, chunk=4, max_new_tokens=16).slots == 3, "an explicit count is kept"
