@@ -45,7 +45,6 @@ if __name__ == "__main__" and not __package__:
 from bench.generate import PROMPT, common_prefix, memory_bandwidth_gbs, model_config, prepare, write_inputs  # noqa: E402
 from bench.memory import peak_rss_gib  # noqa: E402
 from paligemma import cpu_kind  # noqa: E402
-from paligemma.cpu_kind import cpu  # noqa: E402
 
 MODULE = [sys.executable, "-m", "bench.accelerator"]  # the measured subprocesses, run from ROOT
 TORCH_DEVICE = "cuda"  # where transformers runs (the test of that branch runs it on the CPU with CUDA's calls stubbed)
@@ -360,7 +359,7 @@ def run(args) -> dict:
     for row in rows:
         row["new_tokens"] = len(row.pop("tokens"))
     return {
-        "cpu": cpu(),
+        "cpu": cpu_kind.cpu(),
         **probe,
         "bandwidth_bound": bound,
         "config": config,

@@ -46,6 +46,8 @@ from .generate import (
 )
 from .samplers import KINDS, Sampler, sample
 
+log = logging.getLogger(__name__)
+
 # Per platform: slots in one decode and tokens per chunk. On CPU a decode step reads every weight once whatever
 # the rows (up to gemma._IN_PLACE_MAX_ROWS rows the matmuls read weights in place), so 8 slots cost little more
 # than one; accelerators have the compute for more rows and pay a host round trip per chunk.
@@ -58,7 +60,6 @@ ACCELERATOR_CHUNK = 16
 # that fills most of its device (a 10B on a 24 GB GPU: ~0.5 GB a slot with room for 1024 tokens) gets fewer slots
 # instead of running out of memory when the engine first fills. The app has two engines per model (token pools).
 SLOT_MEMORY_SHARE = 0.25
-log = logging.getLogger(__name__)
 GREEDY = KINDS.index("greedy")  # what finished and free rows run (the cheapest: one argmax, no draw)
 
 
@@ -108,9 +109,10 @@ class SlotEngine:
         if slots is None:
             dtype = np.dtype(generator.params["llm"]["embedder"]["input_embedding"].dtype).name
             slot_bytes = memory_fit.kv_cache_bytes(generator.cfg, dtype, 1, cache_len)
-            slots = slots_that_fit(default_slots(platform), slot_bytes, memory_fit.free_bytes(devices)[0])
-            if slots < default_slots(platform):
-                log.info("%d decode slots (of %d) fit in a share of the free memory", slots, default_slots(platform))
+            default = default_slots(platform)
+            slots = slots_that_fit(default, slot_bytes, memory_fit.free_bytes(devices)[0])
+            if slots < default:
+                log.info("%d decode slots (of %d) fit in a share of the free memory", slots, default)
         self.slots = slots
         self.chunk = default_chunk(platform) if chunk is None else chunk
         for name, value, top in (("slots", self.slots, 1024), ("chunk", self.chunk, MAX_NEW_TOKENS)):
