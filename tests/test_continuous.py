@@ -191,6 +191,9 @@ def test_scheduler_streams_each_request_its_solo_text_with_more_requests_than_sl
 def test_scheduler_shortens_chunks_only_while_requests_share_them_and_streams_every_chunk_of_tokens(
     tiny_model, monkeypatch
 ):
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="shared_chunk must be a whole number"):
+            Scheduler(**SCHEDULER, shared_chunk=bad)
     scheduler = Scheduler(**SCHEDULER, shared_chunk=1)
     engine = scheduler.engine(tiny_model)
     steps, advance = [], engine.advance
