@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from .preprocess import preprocess
 from .tokenizer import NUM_LOC, Tokenizer
 
 TEXT_BUCKETS = (32, 48, 64, 96, 128)
+TRAIN_STATE = "train_state.npz"  # in --out while a --resume run is unfinished
 
 
 @dataclasses.dataclass
@@ -318,13 +320,78 @@ def _parser(prog: str = "python -m paligemma.train") -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"keep the optimiser's state in --out ({TRAIN_STATE}) at every save and continue from it when the "
+        "same run is started again; the resumed run ends with the weights an uninterrupted one would",
+    )
     return p
 
 
+# The settings that make two runs the same run: a saved state resumes only the run that wrote it.
+_RUN_SETTINGS = (
+    "data",
+    "init",
+    "config",
+    "steps",
+    "batch_size",
+    "lr",
+    "freeze_image_encoder",
+    "image_encoder_lr_scale",
+    "loc_sigma",
+    "grounding",
+    "seed",
+)
+
+
+def run_fingerprint(args) -> str:
+    return json.dumps({name: getattr(args, name) for name in _RUN_SETTINGS}, sort_keys=True)
+
+
+def save_train_state(out: str, fingerprint: str, step: int, params, opt_state) -> None:
+    """Weights and optimiser state after `step`, renamed into place whole like the checkpoint."""
+    leaves = jax.tree_util.tree_leaves((params, opt_state))
+    partial = os.path.join(out, "train_state.partial.npz")
+    np.savez(partial, fingerprint=fingerprint, step=step, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
+    os.replace(partial, os.path.join(out, TRAIN_STATE))
+
+
+def load_train_state(out: str, fingerprint: str, params, opt_state):
+    """(step, params, opt_state) saved in `out` by the run `fingerprint` names, or None (nothing saved, or saved by
+    another run, which is then said and left to be overwritten)."""
+    path = os.path.join(out, TRAIN_STATE)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as saved:
+        if str(saved["fingerprint"]) != fingerprint:
+            print(f"{path} was saved by another run; starting this one from its first step", file=sys.stderr)
+            return None
+        treedef = jax.tree_util.tree_structure((params, opt_state))
+        leaves = [jnp.asarray(saved[f"leaf{i}"]) for i in range(treedef.num_leaves)]
+        step = int(saved["step"])
+    params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+    return step, params, opt_state
+
+
+def batch_indices(num_examples: int, batch_size: int, rng: np.random.Generator):
+    """Example indices of each step's batch, forever: shuffled epochs, each one's tail that cannot fill a batch
+    left out. A function of the seed alone, so a resumed run skips to the batches it has not trained on."""
+    order, position = rng.permutation(num_examples), 0
+    while True:
+        if position + batch_size > len(order):
+            order, position = rng.permutation(num_examples), 0
+        yield order[position : position + batch_size]
+        position += batch_size
+
+
 def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
-    """model.npz in the big_vision layout with the tokenizer beside it: a folder `paligemma.load` reads."""
+    """model.npz in the big_vision layout with the tokenizer beside it: a folder `paligemma.load` reads. Written
+    beside and then renamed, so a run killed while saving leaves the last whole checkpoint."""
     os.makedirs(out, exist_ok=True)
-    checkpoint.save_npz(os.path.join(out, "model.npz"), params)
+    partial = os.path.join(out, "model.partial.npz")
+    checkpoint.save_npz(partial, params)
+    os.replace(partial, os.path.join(out, "model.npz"))
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, "tokenizer.model")):
         shutil.copy(tokenizer_path, os.path.join(out, "tokenizer.model"))
 
@@ -353,26 +420,29 @@ def train(args, fresh_params: FreshParams = random_params) -> dict:
     optimizer = make_optimizer(params, args.lr, args.steps, encoder_scale)
     opt_state = optimizer.init(params)
     step_fn = make_train_step(cfg, optimizer, loc, args.grounding)
+    fingerprint, done = run_fingerprint(args), 0
+    resumed = load_train_state(args.out, fingerprint, params, opt_state) if args.resume else None
+    if resumed:
+        done, params, opt_state = resumed
+        print(f"resuming after step {done} of {args.steps}", file=sys.stderr)
     model = Model(params, cfg, tokenizer)
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(train_data))
-    position, history = 0, []
+    batches = itertools.islice(
+        batch_indices(len(train_data), args.batch_size, np.random.default_rng(args.seed)), done, None
+    )
+    history = []
     print(
         f"{cfg.describe()}: {count(params) / 1e6:.2f} M parameters, {len(train_data)} training examples",
         file=sys.stderr,
     )
-    bar = tqdm(range(1, args.steps + 1), desc="train", file=sys.stderr)
+    bar = tqdm(range(done + 1, args.steps + 1), desc="train", file=sys.stderr, initial=done, total=args.steps)
     start = time.perf_counter()
-    for step in bar:
-        if position + args.batch_size > len(order):
-            order, position = rng.permutation(len(train_data)), 0
-        batch = train_data.batch(order[position : position + args.batch_size], with_grounding=args.grounding > 0)
-        position += args.batch_size
+    for step, indices in zip(bar, batches):
+        batch = train_data.batch(indices, with_grounding=args.grounding > 0)
         params, opt_state, loss = step_fn(params, opt_state, batch)
         if step % 10 == 0 or step == args.steps:
             loss = float(loss)
             history.append((step, loss))
-            examples_per_s = step * args.batch_size / (time.perf_counter() - start)
+            examples_per_s = (step - done) * args.batch_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples_per_s:.1f}")
         if valid_data and (step % args.eval_every == 0 or step == args.steps):
             model.replace_params(params)
@@ -380,6 +450,10 @@ def train(args, fresh_params: FreshParams = random_params) -> dict:
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()), file=sys.stderr)
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(args.out, params, tokenizer.path)
+            if args.resume and step < args.steps:
+                save_train_state(args.out, fingerprint, step, params, opt_state)
+    if args.resume and os.path.isfile(os.path.join(args.out, TRAIN_STATE)):
+        os.remove(os.path.join(args.out, TRAIN_STATE))  # finished: nothing left to resume
     return {"steps": args.steps, "losses": history, "seconds": time.perf_counter() - start}
 
 

@@ -37,7 +37,10 @@ and they degrade towards "present": the 1000-step model answered "yes" to 17 of 
 two-object prompts found only 0.41 (0.37 at step 920, 0.25 at 1830), single detect 0.88 with 0.15 extra boxes:
 what fails is the label, not the box (it writes the label of the object it framed, "green circle" for "detect
 circle ; ..."), so a model this size may need the two-object prompts from its first rounds on, not a late round.
-Every step is seeded, so the same command rebuilds the same model.
+Every step is seeded, so the same command rebuilds the same model, and a build that is stopped (the whole build
+takes hours on 2 cores) continues where it stopped when the same command is run again: finished datasets and
+rounds are kept (build_progress.json in --work) and a round in progress resumes from its last save (every 300
+steps), ending with the weights an uninterrupted build would have.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 from paligemma import train
@@ -94,17 +98,48 @@ def dataset_texts(folder: str) -> list[str]:
 
 def ensure_dataset(folder: str, num_scenes: int, spec: DatasetSpec, vqvae_folder: str) -> None:
     """Writes the dataset `spec` describes unless `folder` already holds one; vqvae_folder holds the VQ-VAE's
-    decoder (its encoder is the one in scenes/assets)."""
+    decoder (its encoder is the one in scenes/assets). Written beside and renamed when whole, so a build killed
+    while writing starts the dataset again instead of training on part of it."""
     if not os.path.isfile(os.path.join(folder, "train.jsonl")):
+        partial = folder.rstrip("/") + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
         summary = write_dataset(
-            folder,
+            partial,
             num_scenes,
             spec.seed,
             load_vqvae(vqvae_folder),
             parse_mix(spec.mix, spec.positive_rate),
             valid_fraction=0.02,
         )
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
         print(json.dumps(summary), file=sys.stderr)
+
+
+def build_settings(args) -> dict:
+    """What, beside the round plan, makes two runs of the build the same build."""
+    return {"out": os.path.abspath(args.out), "batch_size": args.batch_size}
+
+
+def rounds_done(progress_path: str, settings: dict, rounds: list) -> int:
+    """How many of `rounds`, from the first, the same build already finished (build_progress.json in --work):
+    those are skipped when the build is run again, and the first one that differs starts over."""
+    if not os.path.isfile(progress_path):
+        return 0
+    with open(progress_path, encoding="utf-8") as f:
+        progress = json.load(f)
+    if progress["settings"] != settings:
+        return 0
+    finished = [tuple(entry) for entry in progress["rounds"]]
+    return next((k for k, (a, b) in enumerate(zip(rounds, finished)) if a != b), min(len(rounds), len(finished)))
+
+
+def record_rounds(progress_path: str, settings: dict, rounds: list) -> None:
+    os.makedirs(os.path.dirname(progress_path) or ".", exist_ok=True)
+    partial = progress_path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump({"settings": settings, "rounds": rounds}, f)
+    os.replace(partial, progress_path)
 
 
 def round_plan(args) -> list[tuple[str, float, float, int]]:
@@ -196,8 +231,15 @@ def main(argv=None) -> int:
                 "0",
             ]
         )
-    start = args.work
+    progress = os.path.join(args.work, "build_progress.json")
+    settings = build_settings(args)
+    skipped = rounds_done(progress, settings, rounds)
+    if skipped:
+        print(f"rounds 1-{skipped} of {len(rounds)} were finished by an earlier run of this build", file=sys.stderr)
+    start = args.out if skipped else args.work
     for round_, (data, encoder_lr_scale, lr, steps) in enumerate(rounds):
+        if round_ < skipped:
+            continue
         status = train.main(
             [
                 "--data",
@@ -226,10 +268,12 @@ def main(argv=None) -> int:
                 "300",
                 "--seed",
                 str(round_),
+                "--resume",
             ]
         )
         if status:
             return status
+        record_rounds(progress, settings, rounds[: round_ + 1])
         start = args.out
     return 0
 

@@ -26,17 +26,21 @@ def out(tmp_path, tokenizer_path):
 def build(tmp_path, out, monkeypatch):
     """Runs build_demo with datasets, encoder pretraining and rounds recorded instead of done; each round returns
     `train_status`. The result holds the status, the datasets written (folder, spec), the pretraining calls and
-    each round's arguments as a dict."""
+    each round's arguments (as a dict of options, and as given)."""
 
     def run(args, train_status=0):
-        done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[])
+        done = SimpleNamespace(datasets=[], pretrain_calls=[], rounds=[], argvs=[])
+
+        def train_main(argv):
+            done.argvs.append(argv)
+            done.rounds.append(dict(zip(argv[::2], argv[1::2])))
+            return train_status
+
         monkeypatch.setattr(
             build_demo, "ensure_dataset", lambda folder, _scenes, spec, _vqvae: done.datasets.append((folder, spec))
         )
         monkeypatch.setattr(build_demo.vision_pretrain, "main", done.pretrain_calls.append)
-        monkeypatch.setattr(
-            build_demo.train, "main", lambda argv: done.rounds.append(dict(zip(argv[::2], argv[1::2]))) or train_status
-        )
+        monkeypatch.setattr(build_demo.train, "main", train_main)
         done.status = build_demo.main(["--out", str(out), "--work", str(tmp_path / "encoder"), *args])
         return done
 
@@ -183,3 +187,42 @@ def test_ensure_dataset_writes_what_its_spec_says_once(tmp_path):
     (folder / "images" / "000000.png").unlink()
     build_demo.ensure_dataset(str(folder), 3, build_demo.FIRST_DATA, "no VQ-VAE needed: nothing is written")
     assert not (folder / "images" / "000000.png").exists()
+
+
+ONE_ROUND_EACH = ["--final-rounds", "0", "--tuning-rounds", "0", "--polish-rounds", "0", "--caption-rounds", "0"]
+
+
+def test_a_build_run_again_skips_the_rounds_it_finished_and_resumes_the_rest(out, build):
+    first = build(["--rounds", "2", *ONE_ROUND_EACH])
+    assert [r["--seed"] for r in first.rounds] == ["0", "1"]
+    assert all("--resume" in argv for argv in first.argvs)  # a round in progress continues from its last save
+
+    assert build(["--rounds", "2", *ONE_ROUND_EACH]).rounds == []
+    longer = build(["--rounds", "3", *ONE_ROUND_EACH])
+    assert [(r["--seed"], r["--init"]) for r in longer.rounds] == [("2", str(out))]  # from the finished rounds
+    assert [r["--seed"] for r in build(["--rounds", "3", "--lr", "0.002", *ONE_ROUND_EACH]).rounds] == ["0", "1", "2"]
+
+
+def test_a_failed_round_is_not_recorded_and_runs_again(build):
+    failed = build(["--rounds", "2", *ONE_ROUND_EACH], train_status=2)
+    assert failed.status == 2 and len(failed.rounds) == 1
+    again = build(["--rounds", "2", *ONE_ROUND_EACH])
+    assert [r["--seed"] for r in again.rounds] == ["0", "1"]
+
+
+def test_another_batch_size_is_another_build(build):
+    build(["--rounds", "1", *ONE_ROUND_EACH])
+    assert len(build(["--rounds", "1", "--batch-size", "8", *ONE_ROUND_EACH]).rounds) == 1
+
+
+def test_a_dataset_left_half_written_is_written_again(tmp_path):
+    folder = tmp_path / "data"
+    partial = tmp_path / "data.partial"
+    partial.mkdir()
+    (partial / "train.jsonl").write_text("{}\n")  # a build killed while writing
+    spec = build_demo.DatasetSpec(5, "caption=1,detect=0,segment=0,count=0,colour=0,yes_no=0", 1.0)
+    build_demo.ensure_dataset(str(folder), 2, spec, str(Path(build_demo.__file__).parents[1] / "assets/demo"))
+    assert not partial.exists()
+    assert [json.loads(line)["prefix"] for line in (folder / "train.jsonl").read_text().splitlines()] == [
+        "caption en"
+    ] * 2

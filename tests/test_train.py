@@ -291,3 +291,72 @@ def test_the_model_package_never_imports_scenes():
     assert "train.py" in sources
     assert [name for name, text in sources.items() if re.search(r"^\s*(from|import) scenes\b", text, re.M)] == []
     assert not hasattr(train, "structured_init") and not hasattr(train, "demo_config")
+
+
+class _Stopped(Exception):
+    """Stands for the process being killed mid-run."""
+
+
+def _stop_after(calls: int, make_train_step):
+    def make(*args, **kwargs):
+        step, count = make_train_step(*args, **kwargs), [0]
+
+        def stopping(*step_args):
+            if count[0] == calls:
+                raise _Stopped
+            count[0] += 1
+            return step(*step_args)
+
+        return stopping
+
+    return make
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer_path, monkeypatch, capsys):
+    """Across an epoch boundary (8 examples, batches of 4) and the warm-up, killed after step 5 of 6 with saves every
+    2 steps: the rerun continues after step 4 with the same batches and optimiser state."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_dataset(data)
+
+    def run(out, seed="1"):
+        options = ["--data", str(data), "--out", str(out), "--config", "tiny", "--tokenizer", tokenizer_path]
+        options += ["--steps", "6", "--batch-size", "4", "--save-every", "2", "--eval-every", "100"]
+        return train.train(train._parser().parse_args([*options, "--lr", "3e-3", "--seed", seed, "--resume"]))
+
+    run(tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "make_train_step", _stop_after(5, train.make_train_step))
+        with pytest.raises(_Stopped):
+            run(tmp_path / "stopped")
+    assert (tmp_path / "stopped" / train.TRAIN_STATE).is_file()
+    capsys.readouterr()
+    summary = run(tmp_path / "stopped")
+    assert "resuming after step 4 of 6" in capsys.readouterr().err
+    assert [step for step, _ in summary["losses"]] == [6]
+    assert not (tmp_path / "stopped" / train.TRAIN_STATE).exists()  # finished: nothing left to resume
+
+    whole, resumed = (np.load(tmp_path / name / "model.npz") for name in ("whole", "stopped"))
+    assert sorted(whole) == sorted(resumed)
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_state_saved_by_another_run_is_not_resumed(tmp_path, tokenizer_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_dataset(data)
+    out = tmp_path / "out"
+    options = ["--data", str(data), "--out", str(out), "--config", "tiny", "--tokenizer", tokenizer_path]
+    options += ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "100", "--resume"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "make_train_step", _stop_after(3, train.make_train_step))
+        with pytest.raises(_Stopped):
+            train.train(train._parser().parse_args([*options, "--seed", "1"]))
+    capsys.readouterr()
+    train.train(train._parser().parse_args([*options, "--seed", "2"]))
+    assert "saved by another run" in capsys.readouterr().err
+    assert "resuming" not in capsys.readouterr().err
+    assert not (out / train.TRAIN_STATE).exists()
