@@ -709,11 +709,14 @@ def _page_error(message: str) -> tuple:
 
 
 def timing_line(timing: dict) -> str:
-    """E.g. "0.31 s · 7 tokens · 480 tok/s"."""
+    """E.g. "0.31 s · 7 tokens · 480 tok/s"; no rate before there is one to say (a run streaming its first token,
+    an answer of one token), rather than "0 tok/s"."""
     if "new_tokens" not in timing:
         return ""
     seconds = timing.get("prefill_s", 0) + timing.get("decode_s", 0) + timing.get("postprocess_s", 0)
-    parts = [f"{seconds:.2f} s", f"{timing['new_tokens']} tokens", f"{timing.get('tokens_per_s', 0):.0f} tok/s"]
+    parts = [f"{seconds:.2f} s", f"{timing['new_tokens']} tokens"]
+    if timing.get("tokens_per_s"):
+        parts.append(f"{timing['tokens_per_s']:.0f} tok/s")
     if timing.get("compiled"):
         parts.append("compiled for this prompt length first (first time only)")
     if "seed" in timing:

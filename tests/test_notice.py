@@ -3,7 +3,7 @@
 import pytest
 
 import postprocess
-from playground.requests import notice
+from playground.requests import notice, timing_line
 
 BOX = "<loc0100><loc0100><loc0500><loc0500>"
 
@@ -42,3 +42,11 @@ def test_a_cut_answer_offers_the_next_limit_and_says_nothing_of_what_is_missing(
 def test_an_undrawable_part_is_named():
     said, _ = _said("detect red circle", "<loc0100><loc0100> red circle")
     assert said.startswith("Could not draw “red circle”")
+
+
+def test_the_timing_line_says_a_rate_only_once_there_is_one():
+    final = {"prefill_s": 0.1, "decode_s": 0.2, "postprocess_s": 0.01, "new_tokens": 7, "tokens_per_s": 30.0}
+    assert timing_line(final) == "0.31 s · 7 tokens · 30 tok/s"
+    first_token = {"prefill_s": 9.38, "decode_s": 0.0, "new_tokens": 1, "tokens_per_s": 0.0, "compiled": True}
+    assert timing_line(first_token) == "9.38 s · 1 tokens · compiled for this prompt length first (first time only)"
+    assert timing_line({"queue_s": 0.0}) == ""  # nothing generated yet
