@@ -192,9 +192,9 @@ def _split_qkv(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
     return tensors
 
 
-def save_npz(path: str, params) -> None:
+def save_npz(path, params) -> None:
     """Writes params as big_vision stores them ("/"-joined keys, stacked layers, qkv_einsum where its Gemma
-    expects one), any float dtype."""
+    expects one), any float dtype, to a file name or an open binary file."""
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     if _Q in flat and flat[_Q].shape[1] == flat[_KV].shape[2]:  # N == K
         q, kv = flat.pop(_Q), flat.pop(_KV)

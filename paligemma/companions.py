@@ -24,9 +24,10 @@ SPACE = "big-vision/paligemma"
 CACHE_ENV = "PALIGEMMA_CACHE"
 MASK_DECODER_NAME = "vae-oid.npz"
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")  # the published name first
-# .npz files a checkpoint folder may hold beside the weights: the mask decoder, and the VQ-VAE encoder that
-# training the demo model's masks uses (older checkouts kept it in assets/demo).
-NOT_WEIGHTS = frozenset({MASK_DECODER_NAME, "vqvae-encoder.npz"})
+TRAIN_STATE_NAME = "train_state.npz"  # `python -m paligemma.train --resume`'s state, beside its checkpoint mid-run
+# .npz files a checkpoint folder may hold beside the weights: the mask decoder, the VQ-VAE encoder that training
+# the demo model's masks uses (older checkouts kept it in assets/demo), and a resumable training run's state.
+NOT_WEIGHTS = frozenset({MASK_DECODER_NAME, "vqvae-encoder.npz", TRAIN_STATE_NAME})
 
 
 class CompanionMissing(CheckpointError):

@@ -32,7 +32,7 @@ import optax
 from PIL import Image
 from tqdm import tqdm
 
-from . import Model, checkpoint, load
+from . import Model, checkpoint, companions, load
 from .config import CONFIGS, PaliGemmaConfig
 from .model import forward
 from .params import count, init_params
@@ -40,7 +40,8 @@ from .preprocess import preprocess
 from .tokenizer import NUM_LOC, Tokenizer
 
 TEXT_BUCKETS = (32, 48, 64, 96, 128)
-TRAIN_STATE = "train_state.npz"  # in --out while a --resume run is unfinished
+PARTIAL = ".partial"  # a file being written: not an .npz, so a folder killed mid-save still loads
+TRAIN_STATE = companions.TRAIN_STATE_NAME  # in --out while a --resume run is unfinished
 
 
 @dataclasses.dataclass
@@ -352,8 +353,9 @@ def run_fingerprint(args) -> str:
 def save_train_state(out: str, fingerprint: str, step: int, params, opt_state) -> None:
     """Weights and optimiser state after `step`, renamed into place whole like the checkpoint."""
     leaves = jax.tree_util.tree_leaves((params, opt_state))
-    partial = os.path.join(out, "train_state.partial.npz")
-    np.savez(partial, fingerprint=fingerprint, step=step, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
+    partial = os.path.join(out, TRAIN_STATE + PARTIAL)
+    with open(partial, "wb") as f:
+        np.savez(f, fingerprint=fingerprint, step=step, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
     os.replace(partial, os.path.join(out, TRAIN_STATE))
 
 
@@ -389,8 +391,9 @@ def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
     """model.npz in the big_vision layout with the tokenizer beside it: a folder `paligemma.load` reads. Written
     beside and then renamed, so a run killed while saving leaves the last whole checkpoint."""
     os.makedirs(out, exist_ok=True)
-    partial = os.path.join(out, "model.partial.npz")
-    checkpoint.save_npz(partial, params)
+    partial = os.path.join(out, "model.npz" + PARTIAL)
+    with open(partial, "wb") as f:
+        checkpoint.save_npz(f, params)
     os.replace(partial, os.path.join(out, "model.npz"))
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, "tokenizer.model")):
         shutil.copy(tokenizer_path, os.path.join(out, "tokenizer.model"))

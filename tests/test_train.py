@@ -331,6 +331,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, t
         with pytest.raises(_Stopped):
             run(tmp_path / "stopped")
     assert (tmp_path / "stopped" / train.TRAIN_STATE).is_file()
+    (tmp_path / "stopped" / "model.npz.partial").write_bytes(b"PK")  # as a kill in the middle of a save leaves it
+    paligemma.load(str(tmp_path / "stopped"))  # mid-run the folder still loads (the build's next --init)
     capsys.readouterr()
     summary = run(tmp_path / "stopped")
     assert "resuming after step 4 of 6" in capsys.readouterr().err
