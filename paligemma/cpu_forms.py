@@ -36,6 +36,7 @@ from .config import PaliGemmaConfig, TextConfig
 from .cpu_kind import cpu
 from .cpu_memory import per_layer_views
 from .params import expected_shapes
+from .whole_files import written_whole
 
 # A decoder layer of Gemma 2B is 0.45 GB in float32 and PaliGemma 2 3B's 0.30 GB; the demo model's and the
 # test models' are a few MB.
@@ -184,15 +185,13 @@ def _read(store: str) -> dict:
 
 
 def _remember(store: str, key: str, choice: Choice) -> None:
-    """Adds a choice to the store, written whole to a temporary file and renamed (readers never see half of
-    it); a folder that cannot be written only means measuring again next time."""
+    """Adds a choice to the store, written whole (readers never see half of it); a folder that cannot be written
+    only means measuring again next time."""
     data = {**_read(store), key: choice.to_json()}
     try:
         os.makedirs(os.path.dirname(store), exist_ok=True)
-        temporary = f"{store}.{os.getpid()}.tmp"
-        with open(temporary, "w") as f:
+        with written_whole(store, "w") as f:
             json.dump(data, f, indent=1)
-        os.replace(temporary, store)
     except OSError:
         pass
 

@@ -38,9 +38,9 @@ from .model import forward
 from .params import count, init_params
 from .preprocess import preprocess
 from .tokenizer import NUM_LOC, Tokenizer
+from .whole_files import written_whole
 
 TEXT_BUCKETS = (32, 48, 64, 96, 128)
-PARTIAL = ".partial"  # a file being written: not an .npz, so a folder killed mid-save still loads
 TRAIN_STATE = companions.TRAIN_STATE_NAME  # in --out while a --resume run is unfinished
 
 
@@ -351,12 +351,10 @@ def run_fingerprint(args) -> str:
 
 
 def save_train_state(out: str, fingerprint: str, step: int, params, opt_state) -> None:
-    """Weights and optimiser state after `step`, renamed into place whole like the checkpoint."""
+    """Weights and optimiser state after `step`, written whole like the checkpoint."""
     leaves = jax.tree_util.tree_leaves((params, opt_state))
-    partial = os.path.join(out, TRAIN_STATE + PARTIAL)
-    with open(partial, "wb") as f:
+    with written_whole(os.path.join(out, TRAIN_STATE)) as f:
         np.savez(f, fingerprint=fingerprint, step=step, **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
-    os.replace(partial, os.path.join(out, TRAIN_STATE))
 
 
 def load_train_state(out: str, fingerprint: str, params, opt_state):
@@ -389,12 +387,10 @@ def batch_indices(num_examples: int, batch_size: int, rng: np.random.Generator):
 
 def save_checkpoint(out: str, params, tokenizer_path: str) -> None:
     """model.npz in the big_vision layout with the tokenizer beside it: a folder `paligemma.load` reads. Written
-    beside and then renamed, so a run killed while saving leaves the last whole checkpoint."""
+    whole, so a run killed while saving leaves the last whole checkpoint (and a folder that still loads)."""
     os.makedirs(out, exist_ok=True)
-    partial = os.path.join(out, "model.npz" + PARTIAL)
-    with open(partial, "wb") as f:
+    with written_whole(os.path.join(out, "model.npz")) as f:
         checkpoint.save_npz(f, params)
-    os.replace(partial, os.path.join(out, "model.npz"))
     if os.path.abspath(tokenizer_path) != os.path.abspath(os.path.join(out, "tokenizer.model")):
         shutil.copy(tokenizer_path, os.path.join(out, "tokenizer.model"))
 

@@ -54,6 +54,7 @@ import sys
 
 from paligemma import train
 from paligemma.tokenizer import Tokenizer, train_tokenizer
+from paligemma.whole_files import written_whole
 from scenes import vision_pretrain
 from scenes.dataset import parse_mix, write_dataset
 from scenes.vqvae_train import load_vqvae
@@ -136,10 +137,8 @@ def rounds_done(progress_path: str, settings: dict, rounds: list) -> int:
 
 def record_rounds(progress_path: str, settings: dict, rounds: list) -> None:
     os.makedirs(os.path.dirname(progress_path) or ".", exist_ok=True)
-    partial = progress_path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
+    with written_whole(progress_path, "w") as f:
         json.dump({"settings": settings, "rounds": rounds}, f)
-    os.replace(partial, progress_path)
 
 
 def round_plan(args) -> list[tuple[str, float, float, int]]:
@@ -237,9 +236,7 @@ def main(argv=None) -> int:
     if skipped:
         print(f"rounds 1-{skipped} of {len(rounds)} were finished by an earlier run of this build", file=sys.stderr)
     start = args.out if skipped else args.work
-    for round_, (data, encoder_lr_scale, lr, steps) in enumerate(rounds):
-        if round_ < skipped:
-            continue
+    for round_, (data, encoder_lr_scale, lr, steps) in enumerate(rounds[skipped:], start=skipped):
         status = train.main(
             [
                 "--data",
