@@ -714,7 +714,8 @@ def timing_line(timing: dict) -> str:
     if "new_tokens" not in timing:
         return ""
     seconds = timing.get("prefill_s", 0) + timing.get("decode_s", 0) + timing.get("postprocess_s", 0)
-    parts = [f"{seconds:.2f} s", f"{timing['new_tokens']} tokens"]
+    count = timing["new_tokens"]
+    parts = [f"{seconds:.2f} s", f"{count} token{'' if count == 1 else 's'}"]
     if timing.get("tokens_per_s"):
         parts.append(f"{timing['tokens_per_s']:.0f} tok/s")
     if timing.get("compiled"):

@@ -48,5 +48,5 @@ def test_the_timing_line_says_a_rate_only_once_there_is_one():
     final = {"prefill_s": 0.1, "decode_s": 0.2, "postprocess_s": 0.01, "new_tokens": 7, "tokens_per_s": 30.0}
     assert timing_line(final) == "0.31 s · 7 tokens · 30 tok/s"
     first_token = {"prefill_s": 9.38, "decode_s": 0.0, "new_tokens": 1, "tokens_per_s": 0.0, "compiled": True}
-    assert timing_line(first_token) == "9.38 s · 1 tokens · compiled for this prompt length first (first time only)"
+    assert timing_line(first_token) == "9.38 s · 1 token · compiled for this prompt length first (first time only)"
     assert timing_line({"queue_s": 0.0}) == ""  # nothing generated yet
