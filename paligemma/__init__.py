@@ -286,8 +286,8 @@ def load(
     cpu_forms.py),
     'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer by layer as
     they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly
-    than float32). On one CPU device, a large float32 model's decode form (per-layer views or stacked layers) is
-    the one measured faster here; `model.cpu_form` holds the figures.
+    than float32). On one CPU device, a large float32 model's decode form (per-layer views or stacked layers,
+    the MLP matrices out-major or not) is the one measured fastest here; `model.cpu_form` holds the figures.
     devices: None (the default device), a list of devices (one: the model lives there; several: it is split
     over them, see sharding.py), or a mesh from `sharding.make_mesh`. Generation runs where the weights are.
     progress: called with (file name, bytes done, bytes total) while files download.
@@ -329,7 +329,8 @@ def load(
         dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
     if status is not None:
         status("reading the weights")
-    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8)
+    out_major = cpu_form is not None and cpu_form.form.out_major
+    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8, out_major=out_major)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
     model.mask_decoder_note = note
     return model

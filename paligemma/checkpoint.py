@@ -28,6 +28,7 @@ from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
 from . import hf_keys, quantize
+from . import out_major as out_major_lib
 from . import sharding as sharding_lib
 from .config import CheckpointError, PaliGemmaConfig, config_from_shapes, overrides_from_hf_config
 from .cpu_memory import ALIGNMENT, aligned_empty
@@ -357,10 +358,21 @@ def _stacked(layers: list[list[LazyTensor]], entry: hf_keys.Entry, heads: dict[s
 # ---------------------------------------------------------------- shared: validate, cast, place
 
 
-def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, source: str, mesh=None, int8=False):
+def materialize(
+    tensors: Mapping[str, LazyTensor],
+    cfg: PaliGemmaConfig,
+    dtype,
+    source: str,
+    mesh=None,
+    int8=False,
+    out_major=False,
+):
     """Checks every expected leaf against the config, then reads, casts and places them one at a time
     (on one device, or split over `mesh` as sharding.py says). int8: the decoder's layer matrices are
-    quantised as they are read, one layer at a time (quantize.py); everything else is `dtype`."""
+    quantised as they are read, one layer at a time (quantize.py); everything else is `dtype`. out_major
+    (one device, float): the MLP matrices are read layer by layer into out-major storage (out_major.py)."""
+    if out_major and (mesh is not None or int8):
+        raise ValueError("out-major MLP matrices are a one-device float form")
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -373,6 +385,13 @@ def materialize(tensors: Mapping[str, LazyTensor], cfg: PaliGemmaConfig, dtype, 
     for key in expected:
         if int8 and key in quantize.CONTRACTED_AXES:
             flat[key] = _quantized(tensors[key], key, expected[key], dtype, source, mesh)
+            continue
+        if out_major and key in out_major_lib.KEYS:
+            try:
+                stored = out_major_lib.read_transposed(tensors[key].layers(), expected[key], dtype)
+            except ValueError as err:  # layers that do not match the header
+                raise CheckpointError(f"{source}: tensor '{key}': {err}") from None
+            flat[key] = out_major_lib.OutMajor(place(stored, dtype))
             continue
         value = tensors[key].load()
         if tuple(value.shape) != expected[key]:

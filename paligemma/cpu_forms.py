@@ -4,7 +4,8 @@ What is fast differs between CPU kinds. On AVX2 machines and AVX-512 ones withou
 a float32 matrix near memory bandwidth and by a bfloat16 or int8 one several times more slowly; AMX tiles
 multiply bfloat16 natively and VNNI/AMX int8, where fewer bytes per weight could shorten a decode step. The
 per-layer weight views of cpu_memory.py beat the stacked layer scan on the machines measured so far, but that is
-a property of the machine too. So `choose` times each candidate form on two decoder layers at the model's own
+a property of the machine too, and so is the layout the MLP matrices read fastest in (out_major.py). So `choose`
+times each candidate form on two decoder layers at the model's own
 shapes (constant weights: the time of a product does not depend on its values, and the checkpoint is not read
 yet) and keeps the form with the shortest typical request. The pick and its figures are remembered per CPU kind
 (model, vector features, usable cores), JAX version and layer shapes in the compilation cache's folder
@@ -35,6 +36,8 @@ from . import compile_cache, gemma, quantize
 from .config import PaliGemmaConfig, TextConfig
 from .cpu_kind import cpu
 from .cpu_memory import per_layer_views
+from .out_major import KEYS as OUT_MAJOR_KEYS
+from .out_major import OutMajor
 from .params import expected_shapes
 from .whole_files import written_whole
 
@@ -63,12 +66,20 @@ class CpuForm:
     dtype: str  # the weights' dtype: "float32", "bfloat16", or "int8" (decoder layer matrices; float32 beside)
     layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16,
     # and int8 layers stay stacked, see cpu_memory.decode_params)
+    out_major: bool = False  # the MLP matrices stored out-major (out_major.py; float32)
 
     def __str__(self) -> str:
-        return f"{self.dtype}, {'per-layer views' if self.layer_views else 'stacked layers'}"
+        layout = ", out-major MLP" if self.out_major else ""
+        return f"{self.dtype}, {'per-layer views' if self.layer_views else 'stacked layers'}{layout}"
 
 
-FORMS = (CpuForm("float32", True), CpuForm("float32", False), CpuForm("bfloat16", False), CpuForm("int8", False))
+FORMS = (
+    CpuForm("float32", True),
+    CpuForm("float32", True, out_major=True),
+    CpuForm("float32", False),
+    CpuForm("bfloat16", False),
+    CpuForm("int8", False),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +122,8 @@ class Choice:
     @classmethod
     def from_json(cls, data: dict) -> Choice:
         figures = {
-            CpuForm(f["dtype"], f["layer_views"]): Figures(f["decode_ms"], f["prefill_ms"]) for f in data["figures"]
+            CpuForm(f["dtype"], f["layer_views"], f.get("out_major", False)): Figures(f["decode_ms"], f["prefill_ms"])
+            for f in data["figures"]
         }
         return cls(CpuForm(**data["form"]), figures, data["measure_s"], remembered=True)
 
@@ -166,11 +178,12 @@ def _store_path() -> str | None:
 
 
 def _key(cfg: PaliGemmaConfig, dtype: str | None) -> str:
-    """What the figures depend on: the CPU kind and the cores this process may use, JAX, the shapes measured."""
+    """What the figures depend on: the CPU kind and the cores this process may use, JAX, the shapes measured,
+    and the candidates (a new one is measured rather than never tried)."""
     kind = cpu()
     text = dataclasses.asdict(dataclasses.replace(cfg.text, depth=MEASURED_LAYERS, vocab_size=0))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux: usable
-    parts = (kind["cpu"], kind["vector_flags"], cores, jax.__version__, text)
+    parts = (kind["cpu"], kind["vector_flags"], cores, jax.__version__, text, [str(form) for form in FORMS])
     return repr((*parts, cfg.vision.num_patches, dtype))
 
 
@@ -198,33 +211,41 @@ def _remember(store: str, key: str, choice: Choice) -> None:
 
 def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
     """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Prefills
-    (the slowest part of measuring) are measured only where dtypes compete (forms of one dtype prefill alike),
-    and another dtype's only where its decode steps alone leave it a chance against the best float32 request."""
+    (the slowest part of measuring) are measured once per way of storing the weights (dtype and MLP layout:
+    the decode layouts of one storage prefill alike), and only where storages compete; another dtype's only
+    where its decode steps alone leave it a chance against the best float32 request."""
     text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
     figures, prefill_ms = {}, {}
-    dtypes_compete = len({form.dtype for form in forms}) > 1
+    storages_compete = len({_storage(form) for form in forms}) > 1
     for form in sorted(forms, key=lambda form: form.dtype != "float32"):
         try:
-            layers = _constant_layers(cfg, text, form.dtype)
+            layers = _constant_layers(cfg, text, form.dtype, form.out_major)
             decoded = per_layer_views(layers) if form.layer_views else layers
             if decoded is None:  # no views of these shapes: generation would decode stacked too
                 continue
             decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
             best = min((f.request_ms for f in figures.values()), default=None)
             has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
-            if form.dtype not in prefill_ms and has_a_chance and dtypes_compete:
+            chance = has_a_chance or form.dtype == "float32"  # float32 forms are ranked by their whole request
+            if _storage(form) not in prefill_ms and chance and storages_compete:
                 rows = min(prompt_rows, PREFILL_ROWS)
-                prefill_ms[form.dtype] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
+                prefill_ms[_storage(form)] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
         except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
             continue
-        figures[form] = Figures(decode_ms, prefill_ms.get(form.dtype))
+        figures[form] = Figures(decode_ms, prefill_ms.get(_storage(form)))
     return figures
 
 
-def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str) -> dict:
+def _storage(form: CpuForm) -> tuple[str, bool]:
+    """How a form stores the weights: forms that store them alike prefill alike."""
+    return form.dtype, form.out_major
+
+
+def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str, out_major: bool = False) -> dict:
     """The decoder's stacked layer weights, every matrix value 0.01 (norm scales 0); for int8, the layer
-    matrices as int8 values with float32 per-channel scales, as load(dtype="int8") makes them."""
+    matrices as int8 values with float32 per-channel scales, as load(dtype="int8") makes them; out_major: the
+    MLP matrices as load(out_major) holds them."""
     flat = {}
     for key, shape in expected_shapes(dataclasses.replace(cfg, text=text)).items():
         if not key.startswith("llm/layers/"):
@@ -235,6 +256,8 @@ def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str) -> dict
         elif dtype == quantize.INT8 and contracted is not None:
             scales = jnp.full(quantize.scale_shape(shape, contracted), 0.01, jnp.float32)
             flat[key] = quantize.int8_array(jnp.ones(shape, jnp.int8), scales)
+        elif out_major and key in OUT_MAJOR_KEYS:
+            flat[key] = OutMajor(jnp.full((*shape[:-2], shape[-1], shape[-2]), 0.01, dtype))
         else:
             flat[key] = jnp.full(shape, 0.01, dtype)
     return traverse_util.unflatten_dict(flat, sep="/")["llm"]["layers"]

@@ -25,7 +25,8 @@ positions, so attention reads them in place too).
 Long prefills (448 and 896 px: 1,024 and 4,096 image tokens) score QUERY_BLOCK queries at a time, so that the
 float32 scores of a layer are [B, N, QUERY_BLOCK, S] rather than [B, N, T, S]. float16 weights keep the
 residual stream and everything that feeds or grows it in float32 (devices.py). The layer weights may be int8
-(quantize.py); the projections then go through qwix.
+(quantize.py); the projections then go through qwix. The MLP matrices may be held out-major (out_major.py,
+on CPUs where that form measured fastest); their products then read them as stored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from . import quantize
 from .config import TextConfig
 from .devices import wide_dtype
+from .out_major import OutMajor, rows_times
 
 ROPE_BASE = 10_000.0
 _MASKED = -2.3819763e38  # most negative float32 that stays finite after softcap-free softmax
@@ -76,7 +78,10 @@ _IN_PLACE_MAX_ROWS = 16
 
 
 def _matmul(x, w, out_dtype=None):
-    """x [M, In] · w [In, Out] -> [M, Out], w float or int8 (quantize.py); out_dtype: see devices.wide_dtype."""
+    """x [M, In] · w [In, Out] -> [M, Out], w float, int8 (quantize.py) or out-major (out_major.py); out_dtype:
+    see devices.wide_dtype."""
+    if isinstance(w, OutMajor):
+        return rows_times(x, w, out_dtype)
     return quantize.dot_general(x, w, (((1,), (0,)), ((), ())), out_dtype)
 
 
@@ -89,6 +94,8 @@ def _grouped_project(x, w):
     """
     b, t, d = x.shape
     r = w.shape[0]
+    if isinstance(w, OutMajor):
+        return rows_times(x.reshape(b * t, d), w).reshape(r, b, t, w.shape[-1])
     if b * t > _IN_PLACE_MAX_ROWS:
         return quantize.einsum("BTD,RDO->RBTO", x, w)
     rows = jnp.broadcast_to(x.reshape(1, b * t, d), (r, b * t, d))  # [R, B·T, D]

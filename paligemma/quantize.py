@@ -50,7 +50,7 @@ def _qwix():
 
 
 def is_quantized(w) -> bool:
-    return not isinstance(w, jax.Array)
+    return hasattr(w, "qvalue")  # a qwix QArray (a float weight is an array, or out_major.OutMajor)
 
 
 def scale_shape(shape: tuple[int, ...], contracted: tuple[int, ...]) -> tuple[int, ...]:

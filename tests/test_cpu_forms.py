@@ -15,15 +15,24 @@ import paligemma
 from paligemma import compile_cache, cpu_forms
 from paligemma.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma.cpu_forms import CpuForm, Figures
+from paligemma.out_major import OutMajor
 
-VIEWS, STACKED, BF16, INT8 = cpu_forms.FORMS
+VIEWS, OUT_MAJOR, STACKED, BF16, INT8 = cpu_forms.FORMS
 
 
-def figures(views: float, stacked: float, bf16: float, int8: float = 1e9, bf16_prefill: float | None = 0.0) -> dict:
+def figures(
+    views: float,
+    stacked: float,
+    bf16: float,
+    int8: float = 1e9,
+    bf16_prefill: float | None = 0.0,
+    out_major: float = 1e9,
+) -> dict:
     """Figures whose typical requests take the given milliseconds (decode only: prefill 0)."""
     steps = cpu_forms.TYPICAL_ANSWER_TOKENS
     return {
         VIEWS: Figures(views / steps, 0.0),
+        OUT_MAJOR: Figures(out_major / steps, 0.0),
         STACKED: Figures(stacked / steps, 0.0),
         BF16: Figures(bf16 / steps, bf16_prefill),
         INT8: Figures(int8 / steps, 0.0),
@@ -33,6 +42,7 @@ def figures(views: float, stacked: float, bf16: float, int8: float = 1e9, bf16_p
 def test_pick_takes_the_fastest_float32_layout_and_bfloat16_only_by_the_margin():
     assert cpu_forms.pick(figures(100, 120, 90)) == VIEWS  # bfloat16 faster, not by the margin
     assert cpu_forms.pick(figures(130, 100, 90)) == STACKED
+    assert cpu_forms.pick(figures(130, 100, 90, out_major=95)) == OUT_MAJOR  # float32 layouts: the fastest
     assert cpu_forms.pick(figures(100, 120, 100 / cpu_forms.OTHER_DTYPE_MARGIN)) == BF16
     assert cpu_forms.pick(figures(100, 120, 10, bf16_prefill=None)) == VIEWS  # not fully measured: never picked
     assert cpu_forms.pick(figures(100, 120, 70, int8=60)) == INT8  # the fastest of the other dtypes
@@ -63,12 +73,15 @@ def test_measuring_a_model_times_every_form_at_its_shapes(monkeypatch, tmp_path)
     assert list(choice.figures) == list(cpu_forms.FORMS)
     for f in choice.figures.values():
         assert math.isfinite(f.decode_ms) and f.decode_ms > 0
-    assert choice.figures[VIEWS].prefill_ms == choice.figures[STACKED].prefill_ms > 0
+    assert choice.figures[VIEWS].prefill_ms == choice.figures[STACKED].prefill_ms > 0  # one storage: one prefill
+    assert choice.figures[OUT_MAJOR].prefill_ms > 0  # stored otherwise: its own
     assert choice.form == cpu_forms.pick(choice.figures)
     assert choice.measure_s > 0 and str(choice.form) in choice.describe()
     only_float32 = cpu_forms.choose(cfg, "float32")
-    assert set(only_float32.figures) == {VIEWS, STACKED} and only_float32.form.dtype == "float32"
-    assert all(f.prefill_ms is None for f in only_float32.figures.values())  # one dtype: nothing to compare
+    assert set(only_float32.figures) == {VIEWS, OUT_MAJOR, STACKED} and only_float32.form.dtype == "float32"
+    assert all(f.prefill_ms is not None for f in only_float32.figures.values())  # two storages compete
+    only_usual = cpu_forms.measure(cfg, [VIEWS, STACKED])
+    assert all(f.prefill_ms is None for f in only_usual.values())  # one storage: nothing to compare
 
 
 def test_forms_that_cannot_run_here_are_no_candidates(monkeypatch, tmp_path):
@@ -130,6 +143,16 @@ def test_a_measured_stacked_form_decodes_stacked_with_the_same_tokens(tiny_model
     assert greedy(model) == greedy(tiny_model)
 
 
+def test_a_measured_out_major_form_is_remembered_and_loads_out_major(tiny_model_dir, tiny_model, measured):
+    measured.figures = figures(views=130, stacked=120, bf16=140, out_major=100)
+    model = paligemma.load(str(tiny_model_dir))
+    again = paligemma.load(str(tiny_model_dir))
+    assert model.cpu_form.form == again.cpu_form.form == OUT_MAJOR and again.cpu_form.remembered
+    assert len(measured.calls) == 1
+    assert isinstance(again.params["llm"]["layers"]["mlp"]["linear"], OutMajor)
+    assert greedy(again) == greedy(tiny_model)
+
+
 def test_another_dtype_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir, measured, tmp_path):
     measured.figures = figures(views=100, stacked=120, bf16=50)
     model = paligemma.load(str(tiny_model_dir))
@@ -138,7 +161,7 @@ def test_another_dtype_is_taken_only_when_the_dtype_was_left_open(tiny_model_dir
 
     asked = paligemma.load(str(tiny_model_dir), dtype="float32")
     assert asked.cpu_form.form == VIEWS and asked.dtype == jnp.float32
-    assert measured.calls[-1] == [VIEWS, STACKED]
+    assert measured.calls[-1] == [VIEWS, OUT_MAJOR, STACKED]
 
     measured.figures = figures(views=100, stacked=120, bf16=90, int8=60)
     (tmp_path / "cpu_forms.json").unlink()  # forget the first pick
@@ -230,3 +253,4 @@ def test_a_typical_request_is_its_prefill_and_the_answers_decode_steps():
     assert f.request_ms == 10.0 + 2.0 * cpu_forms.TYPICAL_ANSWER_TOKENS
     assert dataclasses.replace(f, prefill_ms=None).request_ms == 2.0 * cpu_forms.TYPICAL_ANSWER_TOKENS
     assert str(CpuForm("float32", True)) == "float32, per-layer views"
+    assert str(OUT_MAJOR) == "float32, per-layer views, out-major MLP"

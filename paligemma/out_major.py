@@ -1,0 +1,91 @@
+"""The decoder's MLP matrices stored out-major on CPU: the contracted (input) axis last, as torch keeps a Linear.
+
+XLA's CPU dot streams a weight whose contracted axis is its last near memory bandwidth (so the embedding
+table, [V, D], is read for the logits), and big_vision's [In, Out] matrices more slowly: 1.08-1.43x slower
+with one row per decode step, 2.1-4.1x with 4-16 rows (`python -m bench.layouts`, AVX-512 + AMX Xeon). The
+MLP's two matrices are nine tenths of a decoder layer's bytes. Where cpu_forms.py measures this form fastest,
+load stores them transposed, read from the checkpoint layer by layer straight into the transposed buffer (no
+second copy of a matrix), and wraps them in OutMajor, whose products gemma.py uses. Shape and indexing stay
+big_vision's, so code that reads a layer's matrix (export) sees the usual layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cpu_memory import aligned_empty
+
+KEYS = ("llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear")  # [L, 2, D, F], [L, F, D]
+
+
+@jax.tree_util.register_pytree_node_class
+class OutMajor:
+    """A matrix [..., In, Out] held as `stored` [..., Out, In]; jit, lax.scan and per-layer views carry it as
+    they carry its stored array."""
+
+    def __init__(self, stored):
+        self.stored = stored
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, out, inputs = self.stored.shape
+        return (*lead, inputs, out)
+
+    @property
+    def dtype(self):
+        return self.stored.dtype
+
+    def __getitem__(self, index):
+        """The logical [In, Out] matrix at `index` (leading axes only: layer, pair)."""
+        return jnp.swapaxes(self.stored[index], -1, -2)
+
+    def tree_flatten(self):
+        return (self.stored,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+def read_transposed(layers: Iterable[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A stacked matrix [L, ..., In, Out], given one layer at a time, as an aligned host array [L, ..., Out, In]
+    (what XLA on CPU adopts without a copy). Raises ValueError for a layer of another shape or count."""
+    stored = aligned_empty((*shape[:-2], shape[-1], shape[-2]), dtype)
+    count, transposing = 0, None
+    with ThreadPoolExecutor(1) as pool:  # one layer transposes while the next is read (both release the GIL)
+        for count, layer in enumerate(layers, 1):
+            if count > shape[0]:
+                raise ValueError(f"expected {shape[0]} layers of {shape[1:]}, got more")
+            if tuple(layer.shape) != shape[1:]:
+                raise ValueError(f"a layer holds {tuple(layer.shape)}, expected {shape[1:]}")
+            if transposing is not None:
+                transposing.result()
+            transposing = pool.submit(_transpose_into, stored[count - 1], layer)
+        if transposing is not None:
+            transposing.result()
+    if count != shape[0]:
+        raise ValueError(f"expected {shape[0]} layers of {shape[1:]}, got {count}")
+    return stored
+
+
+def _transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst [..., Out, In] = src [..., In, Out] cast to dst's dtype. OpenCV transposes in cache-sized tiles: 2.4
+    GB/s where numpy's strided copy managed 0.5 (a 3B's MLP matrices: about 3 s of a load instead of 13)."""
+    import cv2  # only loads that store out-major need it
+
+    src = np.ascontiguousarray(src, dtype=dst.dtype)  # a cast (e.g. a bfloat16 checkpoint) first: OpenCV has none
+    for d, s in zip(dst.reshape(-1, *dst.shape[-2:]), src.reshape(-1, *src.shape[-2:]), strict=True):
+        cv2.transpose(s, d)
+
+
+def rows_times(x, w: OutMajor, out_dtype=None):
+    """x [M, In] · w [..., In, Out] -> [..., M, Out], contracting w's stored last axis (the weight first: the
+    form XLA streams fastest for few rows; for many, the small result's transpose costs little next to it)."""
+    stored = w.stored
+    y = jax.lax.dot_general(stored, x, (((stored.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    return jnp.swapaxes(y, -1, -2)  # [..., Out, M] -> [..., M, Out]
