@@ -230,7 +230,8 @@ def _write(cache, new, index):
 def _mlp(p, x):
     """x [B, T, D] -> [B, T, D] in the residual stream's dtype."""
     b, t, _ = x.shape
-    if b * t > _IN_PLACE_MAX_ROWS:  # two large GEMMs: slicing w[0], w[1] costs little next to them
+    if b * t > _IN_PLACE_MAX_ROWS and not isinstance(p["gating_einsum"], OutMajor):
+        # two large GEMMs: slicing w[0], w[1] costs little next to them (out-major: one, see out_major.py)
         gate, up = (quantize.einsum("BTD,DF->BTF", x, p["gating_einsum"][c]) for c in range(2))
     else:
         gate, up = _grouped_project(x, p["gating_einsum"])  # [R=2, D, F] -> 2 × [B, T, F]

@@ -21,6 +21,9 @@ import numpy as np
 from .cpu_memory import aligned_empty
 
 KEYS = ("llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear")  # [L, 2, D, F], [L, F, D]
+# Measured on the AVX-512 + AMX Xeon, a 3B's gate/up pair: with the weight first, 1-2.3x faster than rows first
+# up to 64 rows; in a prefill (272 rows) one GEMM with the rows first made the MLP 1.4x faster.
+WEIGHT_FIRST_MAX_ROWS = 64
 
 
 @jax.tree_util.register_pytree_node_class
@@ -84,8 +87,14 @@ def _transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def rows_times(x, w: OutMajor, out_dtype=None):
-    """x [M, In] · w [..., In, Out] -> [..., M, Out], contracting w's stored last axis (the weight first: the
-    form XLA streams fastest for few rows; for many, the small result's transpose costs little next to it)."""
+    """x [M, In] · w [..., In, Out] -> [..., M, Out], contracting w's stored last axis. Up to
+    WEIGHT_FIRST_MAX_ROWS rows (decoding) the weight goes first, the form XLA streams fastest; beyond (prefill)
+    the rows go first against w as one [.. · Out, In] matrix: one GEMM for the gate/up pair."""
     stored = w.stored
-    y = jax.lax.dot_general(stored, x, (((stored.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
-    return jnp.swapaxes(y, -1, -2)  # [..., Out, M] -> [..., M, Out]
+    *lead, out, inputs = stored.shape
+    if x.shape[0] <= WEIGHT_FIRST_MAX_ROWS:
+        y = jax.lax.dot_general(stored, x, (((stored.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+        return jnp.swapaxes(y, -1, -2)  # [..., Out, M] -> [..., M, Out]
+    flat = stored.reshape(-1, inputs)  # [.. · Out, In]: no copy
+    y = jax.lax.dot_general(x, flat, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)  # [M, .. · Out]
+    return jnp.moveaxis(y.reshape(x.shape[0], *lead, out), 0, -2)
