@@ -5,9 +5,9 @@ a float32 matrix near memory bandwidth and by a bfloat16 or int8 one several tim
 multiply bfloat16 natively and VNNI/AMX int8, where fewer bytes per weight could shorten a decode step. The
 per-layer weight views of cpu_memory.py beat the stacked layer scan on the machines measured so far, but that is
 a property of the machine too, and so is the layout the MLP matrices read fastest in (out_major.py). So `choose`
-times each candidate form on two decoder layers at the model's own
-shapes (constant weights: the time of a product does not depend on its values, and the checkpoint is not read
-yet) and keeps the form with the shortest typical request. The pick and its figures are remembered per CPU kind
+times each candidate form on two decoder layers at the model's own shapes (constant weights: the time of a
+product does not depend on its values, and the checkpoint is not read yet) and keeps the form with the shortest
+typical request. The pick and its figures are remembered per CPU kind
 (model, vector features, usable cores), JAX version and layer shapes in the compilation cache's folder
 (compile_cache.py), so a restarted app does not measure again; delete `cpu_forms.json` there to measure afresh.
 
