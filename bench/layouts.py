@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from bench.generate import model_config
 from paligemma import gemma
 from paligemma.cpu_kind import cpu
+from paligemma.out_major import OutMajor, rows_times
 
 COPIES_BYTES = 2**30
 REPEATS = 3
@@ -37,10 +38,8 @@ def _stored(kind: str):
 
 
 def _out_major(kind: str):
-    """The same product on the transposed matrix, contracting its last axis (no copy of the weight)."""
-    if kind == "grouped":  # w [R, O, D]
-        return lambda x, w: jax.lax.dot_general(w, x, (((2,), (1,)), ((), ())))
-    return lambda x, w: jax.lax.dot_general(w, x, (((1,), (1,)), ((), ())))  # w [Out, In]
+    """The same product on the transposed matrix (w [..., Out, In]) as out_major.py computes it for the model."""
+    return lambda x, w: rows_times(x, OutMajor(w))  # -> [..., M, Out]
 
 
 def layer_matrices(cfg) -> dict[str, tuple[str, tuple[int, ...]]]:
