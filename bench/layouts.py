@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from bench.generate import model_config
 from paligemma import gemma
 from paligemma.cpu_kind import cpu
-from paligemma.out_major import OutMajor, rows_times
+from paligemma.out_major import OutMajor, rows_times, swapped_last_two
 
 COPIES_BYTES = 2**30
 REPEATS = 3
@@ -74,9 +74,8 @@ def seconds_per_read(product, shape: tuple[int, ...], in_features: int, rows: in
 def measure(cfg, rows: int) -> list[dict]:
     results = []
     for name, (kind, shape) in layer_matrices(cfg).items():
-        out_shape = (*shape[:-2], shape[-1], shape[-2])
         stored = seconds_per_read(_stored(kind), shape, shape[-2], rows)
-        out = seconds_per_read(_out_major(kind), out_shape, shape[-2], rows)
+        out = seconds_per_read(_out_major(kind), swapped_last_two(shape), shape[-2], rows)
         results.append({"matrix": name, "rows": rows, "bytes": 4 * math.prod(shape), "stored_s": stored, "out_s": out})
     return results
 

@@ -7,9 +7,9 @@ per-layer weight views of cpu_memory.py beat the stacked layer scan on the machi
 a property of the machine too, and so is the layout the MLP matrices read fastest in (out_major.py). So `choose`
 times each candidate form on two decoder layers at the model's own shapes (constant weights: the time of a
 product does not depend on its values, and the checkpoint is not read yet) and keeps the form with the shortest
-typical request. The pick and its figures are remembered per CPU kind
-(model, vector features, usable cores), JAX version and layer shapes in the compilation cache's folder
-(compile_cache.py), so a restarted app does not measure again; delete `cpu_forms.json` there to measure afresh.
+typical request. The pick and its figures are remembered per CPU kind (model, vector features, usable cores),
+JAX version and layer shapes in the compilation cache's folder (compile_cache.py), so a restarted app does not
+measure again; delete `cpu_forms.json` there to measure afresh.
 
 Only models whose decoder layer is at least MEASURE_MIN_LAYER_BYTES are measured: a small model's step is
 dominated by fixed per-step costs where the forms measure alike (and the demo model answers the same on every
@@ -37,7 +37,7 @@ from .config import PaliGemmaConfig, TextConfig
 from .cpu_kind import cpu
 from .cpu_memory import per_layer_views
 from .out_major import KEYS as OUT_MAJOR_KEYS
-from .out_major import OutMajor
+from .out_major import OutMajor, swapped_last_two
 from .params import expected_shapes
 from .whole_files import written_whole
 
@@ -226,9 +226,13 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
                 continue
             decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
             best = min((f.request_ms for f in figures.values()), default=None)
-            has_a_chance = best is None or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
-            chance = has_a_chance or form.dtype == "float32"  # float32 forms are ranked by their whole request
-            if _storage(form) not in prefill_ms and chance and storages_compete:
+            # float32 forms are ranked by their whole request; another dtype needs the margin on decoding alone
+            has_a_chance = (
+                form.dtype == "float32"
+                or best is None
+                or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
+            )
+            if _storage(form) not in prefill_ms and has_a_chance and storages_compete:
                 rows = min(prompt_rows, PREFILL_ROWS)
                 prefill_ms[_storage(form)] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
         except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
@@ -257,7 +261,7 @@ def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str, out_maj
             scales = jnp.full(quantize.scale_shape(shape, contracted), 0.01, jnp.float32)
             flat[key] = quantize.int8_array(jnp.ones(shape, jnp.int8), scales)
         elif out_major and key in OUT_MAJOR_KEYS:
-            flat[key] = OutMajor(jnp.full((*shape[:-2], shape[-1], shape[-2]), 0.01, dtype))
+            flat[key] = OutMajor(jnp.full(swapped_last_two(shape), 0.01, dtype))
         else:
             flat[key] = jnp.full(shape, 0.01, dtype)
     return traverse_util.unflatten_dict(flat, sep="/")["llm"]["layers"]

@@ -26,6 +26,11 @@ KEYS = ("llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear")  # [L, 2, D, F]
 WEIGHT_FIRST_MAX_ROWS = 64
 
 
+def swapped_last_two(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A matrix's stored shape from its logical one ([..., In, Out] -> [..., Out, In]) and back."""
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
 @jax.tree_util.register_pytree_node_class
 class OutMajor:
     """A matrix [..., In, Out] held as `stored` [..., Out, In]; jit, lax.scan and per-layer views carry it as
@@ -36,8 +41,7 @@ class OutMajor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        *lead, out, inputs = self.stored.shape
-        return (*lead, inputs, out)
+        return swapped_last_two(self.stored.shape)
 
     @property
     def dtype(self):
@@ -58,7 +62,7 @@ class OutMajor:
 def read_transposed(layers: Iterable[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
     """A stacked matrix [L, ..., In, Out], given one layer at a time, as an aligned host array [L, ..., Out, In]
     (what XLA on CPU adopts without a copy). Raises ValueError for a layer of another shape or count."""
-    stored = aligned_empty((*shape[:-2], shape[-1], shape[-2]), dtype)
+    stored = aligned_empty(swapped_last_two(shape), dtype)
     count, transposing = 0, None
     with ThreadPoolExecutor(1) as pool:  # one layer transposes while the next is read (both release the GIL)
         for count, layer in enumerate(layers, 1):
