@@ -3,6 +3,8 @@ layer into transposed storage, they give the usual layout's greedy tokens and sc
 few-rows decode products) and in the continuous-batching engine, and code reading a matrix (export) sees the
 usual layout."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,12 @@ def test_out_major_is_a_one_device_float_form(tiny_model_dir):
     tensors, cfg = checkpoint.read_checkpoint(str(tiny_model_dir / "model.npz"))
     with pytest.raises(ValueError, match="one-device float"):
         checkpoint.materialize(tensors, cfg, np.float32, "tiny", int8=True, out_major=True)
+
+
+def test_a_layer_count_that_does_not_match_the_header_is_a_checkpoint_error(tiny_model_dir):
+    source = str(tiny_model_dir / "model.npz")
+    tensors, cfg = checkpoint.read_checkpoint(source)
+    short = tensors["llm/layers/mlp/linear"]
+    tensors["llm/layers/mlp/linear"] = dataclasses.replace(short, per_layer=lambda: iter(short.load()[:1]))
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.npz: tensor 'llm/layers/mlp/linear': expected 2"):
+        checkpoint.materialize(tensors, cfg, "float32", source, out_major=True)
