@@ -54,6 +54,9 @@ DEFAULT_MAX_NEW_TOKENS = 64
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before their pixels are decoded
 DISPLAY_SIDE = 1024  # the page shows boxes and masks on a copy at most this wide and high; JSON keeps full size
 STREAM_EVERY_TOKENS = 8
+# A run's steps come at least every TICK_S seconds (the same step again while the model works): Gradio can only
+# close a run between two steps, so this bounds how long Stop takes to end it (a 3B prefill on a CPU is seconds).
+TICK_S = 0.25
 COMPILE_NOTICE_S = 2.0  # a run without its first tokens after this long is compiling for a new shape (or queued)
 SEED = 0  # by default sampled decodings are reproducible: the same request gives the same answer
 RANDOM_SEED = "random"  # the seed field's word for "a new seed each run"
@@ -441,12 +444,13 @@ class Playground:
         display = picture.copy()
         display.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
         text, tokens, scores = "", 0, None
-        yield Outcome([], text, timing, display=display)
+        shown = Outcome([], text, timing, display=display)
+        yield shown
         submitted = time.monotonic()
         submit = self.scheduler.submit
         try:
             with contextlib.closing(
-                submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=1.0, return_scores=SCORED)
+                submit(ready.model, picture, prompt, max_new, sampler, seed, tick_s=TICK_S, return_scores=SCORED)
             ) as updates:
                 for update in updates:
                     if update is None:
@@ -461,12 +465,15 @@ class Playground:
                                     f"Preparing the model for this prompt length (first time only) · {waited:.0f} s"
                                 ),
                             )
+                        else:
+                            yield shown
                         continue
                     text, tokens, scores = update.text, update.tokens, update.scores
                     timing.update(update.timing)
-                    yield Outcome(
+                    shown = Outcome(
                         postprocess.display_labels(_pieces(text, display, None)), text, timing, display=display
                     )
+                    yield shown
         except GeneratorExit:  # the page stopped, cleared or replaced the run, or left: the scheduler frees its slot
             log.info("run of %r on %r cancelled after %d tokens", prompt, model, tokens)
             raise

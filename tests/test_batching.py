@@ -5,11 +5,13 @@ gradio_client clients at once through the app over the taught model of app_fixtu
 """
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from app_fixtures import (
+    DEMO_DIR,
     EXAMPLES_DIR,
     TAUGHT,
     app_in_thread,
@@ -194,6 +196,40 @@ def test_a_reader_hears_every_tick_while_its_request_waits():
     assert next(stream) is None and next(stream) is None  # nothing yet: the page can say why it waits
     model.release.set()
     assert [u.text for u in stream if u is not None] == ["a!"]
+
+
+def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_within_a_tick():
+    """Gradio can close a run only between two of its steps. A model busy for long (compiling, or a 3B prefill on
+    a CPU) must not hold the next step back, or Stop would wait for it and a Run pressed meanwhile be dropped."""
+    from playground import registry
+    from playground.manager import ModelManager
+    from playground.requests import TICK_S, Playground
+
+    closed = threading.Event()
+
+    class BusyScheduler:
+        """The model never answers: its stream only ticks, as Batcher's does while the model compiles."""
+
+        def submit(self, *args, tick_s, **kwargs):
+            try:
+                while True:
+                    time.sleep(tick_s)
+                    yield None
+            finally:
+                closed.set()
+
+    playground = Playground(ModelManager(registry.build(DEMO_DIR), warmup_tokens=None))
+    playground.scheduler = BusyScheduler()
+    steps = playground.outcomes(lambda: Image.new("RGB", (32, 32)), "caption en", "demo", "greedy", 8, 0)
+    assert next(steps).text == ""
+    gaps = []
+    for _ in range(3):
+        asked = time.monotonic()
+        assert next(steps).text == ""
+        gaps.append(time.monotonic() - asked)
+    assert max(gaps) < 4 * TICK_S, gaps
+    steps.close()
+    assert closed.is_set()
 
 
 # ---------------------------------------------------------------- through the app
