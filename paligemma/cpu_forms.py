@@ -57,6 +57,8 @@ MEASURED_LAYERS = 2  # enough to see the layer scan's cost against per-layer vie
 REPEATS = 3
 REPEAT_BUDGET_S = 0.3
 
+# How forms are measured; a record made another way is measured again. 2: each form prefills in its own layout.
+METHOD = 2
 # What a load says while it measures (load's `status`): a pause of seconds, once per CPU kind and model shape.
 MEASURING = "measuring this CPU's fastest form for this model (first load on this CPU kind only)"
 
@@ -65,7 +67,7 @@ MEASURING = "measuring this CPU's fastest form for this model (first load on thi
 class CpuForm:
     dtype: str  # the weights' dtype: "float32", "bfloat16", or "int8" (decoder layer matrices; float32 beside)
     layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16,
-    # and int8 layers stay stacked, see cpu_memory.decode_params)
+    # and int8 layers stay stacked, see cpu_memory.run_params)
     out_major: bool = False  # the MLP matrices stored out-major (out_major.py; float32)
 
     def __str__(self) -> str:
@@ -179,11 +181,11 @@ def _store_path() -> str | None:
 
 def _key(cfg: PaliGemmaConfig, dtype: str | None) -> str:
     """What the figures depend on: the CPU kind and the cores this process may use, JAX, the shapes measured,
-    and the candidates (a new one is measured rather than never tried)."""
+    the candidates (a new one is measured rather than never tried) and how they are measured."""
     kind = cpu()
     text = dataclasses.asdict(dataclasses.replace(cfg.text, depth=MEASURED_LAYERS, vocab_size=0))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux: usable
-    parts = (kind["cpu"], kind["vector_flags"], cores, jax.__version__, text, [str(form) for form in FORMS])
+    parts = (kind["cpu"], kind["vector_flags"], cores, jax.__version__, text, [str(form) for form in FORMS], METHOD)
     return repr((*parts, cfg.vision.num_patches, dtype))
 
 
@@ -210,14 +212,13 @@ def _remember(store: str, key: str, choice: Choice) -> None:
 
 
 def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
-    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Prefills
-    (the slowest part of measuring) are measured once per way of storing the weights (dtype and MLP layout:
-    the decode layouts of one storage prefill alike), and only where storages compete; another dtype's only
-    where its decode steps alone leave it a chance against the best float32 request."""
+    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Prefills (the
+    slowest part of measuring; generation prefills on the layers in the form it decodes them) are measured only
+    where forms compete, and another dtype's only where its decode steps alone leave it a chance against the
+    best float32 request."""
     text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
-    figures, prefill_ms = {}, {}
-    storages_compete = len({_storage(form) for form in forms}) > 1
+    figures = {}
     for form in sorted(forms, key=lambda form: form.dtype != "float32"):
         try:
             layers = _constant_layers(cfg, text, form.dtype, form.out_major)
@@ -232,18 +233,14 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
                 or best is None
                 or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
             )
-            if _storage(form) not in prefill_ms and has_a_chance and storages_compete:
+            prefill_ms = None
+            if has_a_chance and len(forms) > 1:
                 rows = min(prompt_rows, PREFILL_ROWS)
-                prefill_ms[_storage(form)] = _prefill_ms(text, layers, form.dtype, rows) * prompt_rows / rows
+                prefill_ms = _prefill_ms(text, decoded, form.dtype, rows) * prompt_rows / rows
         except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
             continue
-        figures[form] = Figures(decode_ms, prefill_ms.get(_storage(form)))
+        figures[form] = Figures(decode_ms, prefill_ms)
     return figures
-
-
-def _storage(form: CpuForm) -> tuple[str, bool]:
-    """How a form stores the weights: forms that store them alike prefill alike."""
-    return form.dtype, form.out_major
 
 
 def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str, out_major: bool = False) -> dict:

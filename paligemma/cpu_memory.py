@@ -3,7 +3,7 @@
 On CPU a device buffer *is* host memory, and XLA adopts a 64-byte-aligned host buffer through DLPack
 without copying it. Two things follow:
   - a checkpoint leaf read into an aligned buffer becomes a device array at no extra memory (checkpoint.py);
-  - each layer's row of a stacked [L, ...] weight can be adopted as an array of its own, so the decode loop
+  - each layer's row of a stacked [L, ...] weight can be adopted as an array of its own, so generation
     runs on per-layer arrays (fast on CPU, see gemma.py) that share the stacked weights' memory.
 
 A per-layer view keeps its stacked array alive by itself: the view's memory is exported by an object that
@@ -59,10 +59,10 @@ def layer_views(stacked) -> list[jax.Array] | None:
     return [jax.dlpack.from_dlpack(host[i], copy=False) for i in range(stacked.shape[0])]
 
 
-def decode_params(params, per_layer: bool = True):
-    """The params the decode loop runs on: on CPU the decoder layers as a list of per-layer dicts of views of
-    the stacked arrays; elsewhere, where a view is impossible, for int8 layers, or where per_layer is False
-    (the stacked form measured faster on this CPU, see cpu_forms.py), the params as they are.
+def run_params(params, per_layer: bool = True):
+    """The params generation (prefill and decode loop) runs on: on CPU the decoder layers as a list of per-layer
+    dicts of views of the stacked arrays; elsewhere, where a view is impossible, for int8 layers, or where
+    per_layer is False (the stacked form measured faster on this CPU, see cpu_forms.py), the params as they are.
 
     int8 layers stay stacked: as separate per-layer arrays their dequantisation does not depend on the step,
     and XLA hoists it out of the decode loop, so every layer's float copy is made before the loop and held

@@ -17,7 +17,8 @@ that depends on how a weight reaches its matmul (measured on 2 cores, 6-layer ML
     transposes the weight on every call (1.1 GB/s); one dot_general with the leading axis as a batch
     dimension reads it in place (14.6 GB/s).
 So `params["layers"]` is either stacked (each leaf [L, ...]: one `lax.scan`; checkpoints, training and
-prefill use it) or a list of per-layer dicts (an unrolled loop; the decode loop on CPU, see generate.py),
+accelerators use it) or a list of per-layer dicts (an unrolled loop; generation on one CPU device, see
+generate.py),
 and up to _IN_PLACE_MAX_ROWS rows the projections are written as in-place dots. KV caches come in the same
 two forms: (k, v) stacked [L, B, K, S, H], or a list of per-layer (k, v) each [B, K, S, H] (kv heads before
 positions, so attention reads them in place too).
@@ -297,11 +298,6 @@ def map_cache(fn, cache):
 def cache_length(cache) -> int:
     """S, the number of positions a cache (either form) holds."""
     return cache[0][0].shape[2] if isinstance(cache, list) else cache[0].shape[3]
-
-
-def unstack_cache(cache):
-    """A stacked cache (k, v each [L, ...]) as the per-layer list."""
-    return [(k, v) for k, v in zip(*cache)]
 
 
 def logits_from_hidden(params, cfg: TextConfig, x):

@@ -13,7 +13,7 @@ bench/checkpoint_3b.py and the figures in the issue notes); it is for accelerato
 
 A checkpoint is quantised while it is read (checkpoint.materialize), one layer of one matrix at a time, so
 loading in int8 never holds a matrix in float: the peak is the int8 model plus one float layer, and
-memory_fit.py counts the int8 bytes. Generation keeps the matrices stacked (cpu_memory.decode_params), so each
+memory_fit.py counts the int8 bytes. Generation keeps the matrices stacked (cpu_memory.run_params), so each
 layer is dequantised inside the layer scan and XLA cannot hoist float copies of them out of the decode loop.
 
 Only the decoder's layer matrices are quantised: the image encoder runs once per request, and the embedding

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import gemma, memory_fit, sharding
+from . import memory_fit, sharding
 from .cpu_memory import check_alive
 from .generate import (
     MAX_NEW_TOKENS,
@@ -180,7 +180,7 @@ class SlotEngine:
             self._state = self._empty_state()
         prompt_bucket, inputs = _admit_inputs(pixels, prompt_ids, max_new_tokens, sampler, seed, slot)
         admit = self._admit_fn(prompt_bucket, scores, inputs)
-        self._state = admit(self._generator.params, self._state, *inputs)
+        self._state = admit(self._generator.run_params, self._state, *inputs)
         self._in_use[slot], self._scored[slot] = True, scores
         self._read_back()
         return slot
@@ -213,7 +213,7 @@ class SlotEngine:
         check_alive(self._generator.params)
         record = any(self._scored[i] for i in self.live)
         advance = self._advance_fn(record, bucket(max(self.live) + 1, tuple(self._row_counts)))
-        self._state = advance(self._generator.decode_params, self._state, np.int32(steps))
+        self._state = advance(self._generator.run_params, self._state, np.int32(steps))
         self._read_back()
 
     def read(self, slot: int) -> SlotView:
@@ -254,7 +254,7 @@ class SlotEngine:
         cfg, s, n = self._generator.cfg.text, self.slots, self.max_new_tokens
         row_shape = (s, cfg.num_kv_heads, self._cache_len, cfg.head_dim)
         dtype = self._generator.params["llm"]["embedder"]["input_embedding"].dtype
-        if self._generator.decode_params is not self._generator.params:  # per-layer decode (one CPU device)
+        if self._generator.run_params is not self._generator.params:  # per-layer views (one CPU device)
             cache = [(jnp.zeros(row_shape, dtype), jnp.zeros(row_shape, dtype)) for _ in range(cfg.depth)]
         else:
             stacked = (cfg.depth, *row_shape)
@@ -283,7 +283,7 @@ class SlotEngine:
             specs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=self._replicated) for x in inputs]
             fn = functools.partial(_admit, scores=scores, **self._jit_options())
             self._admits[key] = (
-                jax.jit(fn, donate_argnums=1).lower(self._generator.params, self._state, *specs).compile()
+                jax.jit(fn, donate_argnums=1).lower(self._generator.run_params, self._state, *specs).compile()
             )
         return self._admits[key]
 
@@ -292,7 +292,7 @@ class SlotEngine:
             fn = functools.partial(_advance, rows=rows, record=record, **self._jit_options())
             steps = jax.ShapeDtypeStruct((), np.int32, sharding=self._replicated)
             self._advances[record, rows] = (
-                jax.jit(fn, donate_argnums=1).lower(self._generator.decode_params, self._state, steps).compile()
+                jax.jit(fn, donate_argnums=1).lower(self._generator.run_params, self._state, steps).compile()
             )
         return self._advances[record, rows]
 
@@ -349,7 +349,6 @@ def _admit(
         value,
         jax.random.wrap_key_data(key_data),
         max_new=1,
-        per_layer_cache=False,
         scores=scores,
         **static,
     )
@@ -358,8 +357,7 @@ def _admit(
         start = (slot, 0, 0, 0) if rows.ndim == 4 else (0, slot, 0, 0, 0)  # per layer, or stacked [L, ...]
         return jax.lax.dynamic_update_slice(rows, prefilled, start)
 
-    prefilled = gemma.unstack_cache(first["cache"]) if isinstance(state["cache"], list) else first["cache"]
-    cache = jax.tree.map(into_row, state["cache"], prefilled)
+    cache = jax.tree.map(into_row, state["cache"], first["cache"])  # both in the form of the params' layers
     n = state["tokens"].shape[1]
     row = {
         "tokens": jnp.zeros((n,), jnp.int32).at[0].set(first["tokens"][0, 0]),

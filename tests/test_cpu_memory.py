@@ -50,7 +50,7 @@ def test_views_keep_the_stacked_array_alive_on_their_own():
     assert alive() is None  # and the last view dropped frees it
 
 
-def test_decode_params_outlive_the_params_they_came_from():
+def test_run_params_outlive_the_params_they_came_from():
     params = {
         "llm": {
             "layers": {"mlp": {"linear": _stacked()}, "norm": {"scale": _stacked(cols=16, offset=3.0)}},
@@ -58,7 +58,7 @@ def test_decode_params_outlive_the_params_they_came_from():
         }
     }
     expected = jax.tree.map(np.array, params)
-    layers = cpu_memory.decode_params(params)["llm"]["layers"]
+    layers = cpu_memory.run_params(params)["llm"]["layers"]
     del params
     gc.collect()
     [jnp.full((4, 64, 256), -1.0) for _ in range(8)]
@@ -72,7 +72,7 @@ def test_decode_params_outlive_the_params_they_came_from():
 def test_params_that_cannot_be_viewed_are_served_as_they_are(leaf):
     """bfloat16 has no DLPack code; a 12-byte row would break the alignment; a 1-D leaf has no layers."""
     params = {"llm": {"layers": {"a": _stacked(), "b": leaf}}}
-    assert cpu_memory.decode_params(params) is params
+    assert cpu_memory.run_params(params) is params
 
 
 def test_deleted_or_donated_weights_are_refused():

@@ -60,10 +60,10 @@ def test_layer_matrices_become_int8_with_per_channel_scales(demo, demo_int8):
 
 def test_the_decode_loop_keeps_the_layer_matrices_in_int8(demo_int8):
     """Dequantised inside the loop, layer by layer: XLA must not make a float copy of every layer matrix before
-    the loop (it does when the layers are separate per-layer arrays, cpu_memory.decode_params)."""
-    from paligemma.cpu_memory import decode_params
+    the loop (it does when the layers are separate per-layer arrays, cpu_memory.run_params)."""
+    from paligemma.cpu_memory import run_params
 
-    assert decode_params(demo_int8.params) is demo_int8.params  # stacked: the layer scan slices them
+    assert run_params(demo_int8.params) is demo_int8.params  # stacked: the layer scan slices them
     demo_int8.generate(np.zeros((28, 28, 3), np.uint8), "caption en", max_new_tokens=8)
     (_, decode) = next(fns for key, fns in demo_int8._generator._compiled.items() if key[0] == 1)
     matrices = _flat(demo_int8.params)

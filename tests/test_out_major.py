@@ -58,7 +58,7 @@ def test_the_mlp_matrices_load_out_major(out_major_model, tiny_model):
         usual = np.asarray(tiny_model.params["llm"]["layers"]["mlp"][name])
         np.testing.assert_array_equal(np.asarray(mlp[name].stored), np.swapaxes(usual, -1, -2))
     assert out_major_model.dtype_name == "float32"  # not taken for int8
-    assert isinstance(out_major_model._generator.decode_params["llm"]["layers"], list)  # per-layer views kept
+    assert isinstance(out_major_model._generator.run_params["llm"]["layers"], list)  # per-layer views kept
 
 
 @pytest.mark.parametrize("rows", [1, 3])

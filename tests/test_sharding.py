@@ -149,10 +149,10 @@ def test_one_device_placement_adopts_the_host_buffer_without_a_copy():
 
 def test_decoder_layers_are_served_as_views_of_the_stacked_weights(tiny_model):
     """Generation on CPU reads each layer's weights in place: per-layer arrays sharing the stacked memory."""
-    from paligemma.cpu_memory import decode_params
+    from paligemma.cpu_memory import run_params
 
     stacked = tiny_model.params["llm"]["layers"]["mlp"]["linear"]  # [L, F, D]
-    layers = decode_params(tiny_model.params)["llm"]["layers"]
+    layers = run_params(tiny_model.params)["llm"]["layers"]
     assert isinstance(layers, list) and len(layers) == stacked.shape[0]
     for i, layer in enumerate(layers):
         view = layer["mlp"]["linear"]
