@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from . import checkpoint, companions, cpu_forms, hub, memory_fit, quantize, sharding
+from . import checkpoint, companions, cpu_forms, hub, memory_fit, out_major, quantize, sharding
 from .checkpoint import load_params, save_npz
 from .companions import MASK_DECODER_NAME, NOT_WEIGHTS, TOKENIZER_NAMES, CompanionMissing
 from .compile_cache import enable as enable_compile_cache
@@ -140,7 +141,16 @@ class Model:
         return self.cpu_form is None or self.cpu_form.form.layer_views
 
     def replace_params(self, params) -> None:
-        """Swaps in weights of the same shapes (e.g. while training), keeping the compiled functions."""
+        """Swaps in weights of the same shapes and dtypes (e.g. while training), keeping the compiled functions.
+        The MLP matrices go into the layout this model holds them in (out_major.py). ValueError names a weight
+        that differs."""
+        params = out_major.in_layout_of(params, self.params)
+        held = traverse_util.flatten_dict(self.params, sep="/")
+        given = traverse_util.flatten_dict(params, sep="/")
+        for key in sorted(held.keys() | given.keys()):
+            new, old = _described(given.get(key)), _described(held.get(key))
+            if new != old:
+                raise ValueError(f"replace_params: {key} is {new}, this model's is {old}")
         self.params = self._generator.params = params
 
     @property
@@ -245,6 +255,10 @@ class Model:
             pass
 
 
+def _described(weight) -> str:
+    return "absent" if weight is None else f"{np.dtype(weight.dtype).name}{list(weight.shape)}"
+
+
 def _mesh_for(devices) -> jax.sharding.Mesh | None:
     """Where load(devices=...) puts the weights: None for the default device (host buffers adopted without a
     copy on CPU), else a "model" mesh (one device: the model lives there; several: split over them)."""
@@ -329,8 +343,8 @@ def load(
         dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
     if status is not None:
         status("reading the weights")
-    out_major = cpu_form is not None and cpu_form.form.out_major
-    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8, out_major=out_major)
+    transposed = cpu_form is not None and cpu_form.form.out_major
+    params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8, out_major=transposed)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
     model.mask_decoder_note = note
     return model

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from .cpu_memory import aligned_empty
 
@@ -57,6 +58,18 @@ class OutMajor:
     @classmethod
     def tree_unflatten(cls, _, children):
         return cls(*children)
+
+
+def in_layout_of(params, reference):
+    """params with each MLP matrix in the layout `reference` holds it in (out-major or usual), transposed where
+    the two differ: weights made elsewhere (training, export, another model) can replace an out-major model's."""
+    flat, held = (traverse_util.flatten_dict(tree, sep="/") for tree in (params, reference))
+    for key in KEYS:
+        if key not in flat or key not in held or isinstance(flat[key], OutMajor) == isinstance(held[key], OutMajor):
+            continue
+        w = flat[key]
+        flat[key] = jnp.swapaxes(w.stored, -1, -2) if isinstance(w, OutMajor) else OutMajor(jnp.swapaxes(w, -1, -2))
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def read_transposed(layers: Iterable[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -5,6 +5,7 @@ usual layout."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -120,3 +121,21 @@ def test_a_layer_count_that_does_not_match_the_header_is_a_checkpoint_error(tiny
     tensors["llm/layers/mlp/linear"] = dataclasses.replace(short, per_layer=lambda: iter(short.load()[:1]))
     with pytest.raises(checkpoint.CheckpointError, match=r"model\.npz: tensor 'llm/layers/mlp/linear': expected 2"):
         checkpoint.materialize(tensors, cfg, "float32", source, out_major=True)
+
+
+def test_weights_in_either_layout_replace_a_models_in_its_own(tiny_model_dir, tiny_model):
+    """replace_params (training, weights from elsewhere) puts the MLP matrices in the layout the model holds, so
+    the compiled functions serve them; a weight of another shape is named."""
+    out_major, usual = load_out_major(tiny_model_dir), paligemma.load(str(tiny_model_dir))
+    other = jax.tree.map(lambda w: w * 1.5, tiny_model.params)  # other weights of the same shapes, usual layout
+    out_major.replace_params(other)
+    usual.replace_params(other)
+    assert isinstance(out_major.params["llm"]["layers"]["mlp"]["linear"], OutMajor)
+    tokens = list(usual.run(IMAGES[:2], PROMPTS[:2], 12))[-1].token_ids
+    assert list(out_major.run(IMAGES[:2], PROMPTS[:2], 12))[-1].token_ids == tokens
+    usual.replace_params(out_major.params)  # and back: out-major weights into a usual model
+    assert not isinstance(usual.params["llm"]["layers"]["mlp"]["linear"], OutMajor)
+    assert list(usual.run(IMAGES[:2], PROMPTS[:2], 12))[-1].token_ids == tokens
+    narrow = {**other, "llm": {**other["llm"], "final_norm": {"scale": other["llm"]["final_norm"]["scale"][:-1]}}}
+    with pytest.raises(ValueError, match=r"llm/final_norm/scale is float32\[\d+\], this model's is float32\[\d+\]"):
+        out_major.replace_params(narrow)
