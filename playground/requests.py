@@ -327,15 +327,17 @@ class Playground:
 
     def warm(self, model: str) -> None:
         """Compiles `model` for one request at a time, every prompt length up to 64 tokens and the default token
-        limit, through the path a run takes (batcher, streaming chunks), so no common request waits for XLA."""
+        limit, through the path a run takes (batcher, streaming chunks), so no common request waits for XLA. Each
+        run stops at its first token, by which its executables are compiled."""
         ready = self.manager.get(model)
         if isinstance(self.scheduler, Scheduler):  # its slot engines: every row count a busy moment would compile
             self.scheduler.warmup(ready.model, scores=SCORED)
         blank = Image.new("RGB", (ready.model.config.image_size,) * 2)
         for tokens in WARM_PROMPT_TOKENS:
             prompt = _prompt_of_length(ready.model.tokenizer, tokens)
-            for _ in self.outcomes(lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED):
-                pass
+            steps = self.outcomes(lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED)
+            with contextlib.closing(steps):
+                next(step for step in steps if step.timing.get("new_tokens"))
 
     def status(self, model: str) -> str:
         """The model's info line, which says "ready" only once the model is prepared (`prepare_in_background`)."""

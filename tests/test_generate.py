@@ -149,3 +149,22 @@ def test_warmup_compiles_the_variant_its_runs_will_use(tiny_model_dir):
     assert result.scores is not None and model.compile_count == warmed  # a scored run of that bucket: nothing new
     model.generate(IMAGE, "detect red circle", max_new_tokens=10)
     assert model.compile_count > warmed  # the unscored variant is compiled on its own
+
+
+def test_warmup_stops_at_the_first_token(tiny_model_dir, monkeypatch):
+    """Both executables of the bucket exist before the first token: decoding on would only cost time."""
+    import paligemma
+    from paligemma.generate import Generator
+
+    consumed, run = [], Generator.run
+
+    def counted(self, *args, **kwargs):
+        for result in run(self, *args, **kwargs):
+            consumed.append(result)
+            yield result
+
+    monkeypatch.setattr(Generator, "run", counted)
+    model = paligemma.load(str(tiny_model_dir))
+    model.warmup(max_new_tokens=64)
+    assert len(consumed) == 1 and model.compile_count == 2
+    assert len(list(model.run([IMAGE], ["caption en"], 64, chunk=8))) > 1 and model.compile_count == 2
