@@ -47,12 +47,13 @@ RUN_CONCURRENCY = 2 * batching.MAX_BATCH  # runs in flight: a batch on the model
 INTRO = """# PaliGemma playground
 Pick an example — it runs at once — or upload an image, choose a task and press **Run**."""
 LIMITS = f"PNG, JPEG, WebP, GIF or BMP · at most {MAX_FILE_SIZE.upper()} and {MAX_PIXELS // 100_000 / 10} megapixels"
-IDLE = (gr.Button("Run", visible=True, interactive=True), gr.Button(visible=False))  # (Run, Stop)
-BUSY = (gr.Button(visible=False), gr.Button(visible=True))
-# Until the server has cancelled the stopped run, the page would drop a new Run (Gradio skips an event whose
-# previous run is still pending, then its late cancel ends the new one): Run comes back with the stopped run's
-# own `.then(idle)`, which Gradio fires once the cancel is done.
-STOPPING = (gr.Button("Stopping…", visible=True, interactive=False), gr.Button(visible=False))
+IDLE = (gr.Button(visible=True), gr.Button(visible=False))  # (Run, Stop)
+BUSY = (gr.Button(visible=False), gr.Button("Stop", visible=True, interactive=True))
+# Stop leaves Run hidden: until the server has cancelled the stopped run, the page would drop a new Run (Gradio
+# skips an event whose previous run is still pending, then its late cancel ends the new one). Run comes back with
+# the stopped run's own `.then(idle)`, which Gradio fires once the cancel is done (or at once if the run had just
+# finished), so the buttons never wait on anything that might not come.
+STOPPING = gr.Button("Stopping…", interactive=False)
 
 
 def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blocks:
@@ -211,7 +212,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
         example_runs.then(**idle).then(None, js=SHOW_RESULT, **glue)
         panel.follow(example_runs.then(**thresholded).then(**debug))
         cancelling = [runs, more, example_runs]
-        stop.click(lambda: (*STOPPING, "Stopped."), None, [run, stop, status], cancels=cancelling, **glue)
+        stop.click(lambda: (STOPPING, "Stopped."), None, [stop, status], cancels=cancelling, **glue)
         nothing = gr.update(value=None, visible=False)
         clear.click(
             lambda: (*IDLE, None, [], nothing, "", nothing, nothing, None, "", "", nothing),
