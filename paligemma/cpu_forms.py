@@ -66,7 +66,7 @@ MEASURING = "measuring this CPU's fastest form for this model (first load on thi
 @dataclasses.dataclass(frozen=True)
 class CpuForm:
     dtype: str  # the weights' dtype: "float32", "bfloat16", or "int8" (decoder layer matrices; float32 beside)
-    layer_views: bool  # decode on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16,
+    layer_views: bool  # generate on per-layer views of the stacked weights (float32 only: DLPack has no bfloat16,
     # and int8 layers stay stacked, see cpu_memory.run_params)
     out_major: bool = False  # the MLP matrices stored out-major (out_major.py; float32)
 

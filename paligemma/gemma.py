@@ -18,10 +18,9 @@ that depends on how a weight reaches its matmul (measured on 2 cores, 6-layer ML
     dimension reads it in place (14.6 GB/s).
 So `params["layers"]` is either stacked (each leaf [L, ...]: one `lax.scan`; checkpoints, training and
 accelerators use it) or a list of per-layer dicts (an unrolled loop; generation on one CPU device, see
-generate.py),
-and up to _IN_PLACE_MAX_ROWS rows the projections are written as in-place dots. KV caches come in the same
-two forms: (k, v) stacked [L, B, K, S, H], or a list of per-layer (k, v) each [B, K, S, H] (kv heads before
-positions, so attention reads them in place too).
+generate.py), and up to _IN_PLACE_MAX_ROWS rows the projections are written as in-place dots. KV caches come in
+the same two forms: (k, v) stacked [L, B, K, S, H], or a list of per-layer (k, v) each [B, K, S, H] (kv heads
+before positions, so attention reads them in place too).
 
 Long prefills (448 and 896 px: 1,024 and 4,096 image tokens) score QUERY_BLOCK queries at a time, so that the
 float32 scores of a layer are [B, N, QUERY_BLOCK, S] rather than [B, N, T, S]. float16 weights keep the
