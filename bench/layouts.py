@@ -37,9 +37,10 @@ def _stored(kind: str):
     return gemma._matmul  # w [In, Out]
 
 
-def _out_major(kind: str):
-    """The same product on the transposed matrix (w [..., Out, In]) as out_major.py computes it for the model."""
-    return lambda x, w: rows_times(x, OutMajor(w))  # -> [..., M, Out]
+def _out_major(x, w):
+    """The same product on the transposed matrix (w [..., Out, In]) as out_major.py computes it for the model,
+    whatever the matrix's kind: -> [..., M, Out]."""
+    return rows_times(x, OutMajor(w))
 
 
 def layer_matrices(cfg) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -75,7 +76,7 @@ def measure(cfg, rows: int) -> list[dict]:
     results = []
     for name, (kind, shape) in layer_matrices(cfg).items():
         stored = seconds_per_read(_stored(kind), shape, shape[-2], rows)
-        out = seconds_per_read(_out_major(kind), swapped_last_two(shape), shape[-2], rows)
+        out = seconds_per_read(_out_major, swapped_last_two(shape), shape[-2], rows)
         results.append({"matrix": name, "rows": rows, "bytes": 4 * math.prod(shape), "stored_s": stored, "out_s": out})
     return results
 
