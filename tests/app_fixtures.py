@@ -115,11 +115,12 @@ def write_registry(folder, taught_dir) -> str:
 
 
 @contextlib.contextmanager
-def app_in_thread(registry_file: str):
-    """The app served from this process (a background thread) on a free loopback port: yields its URL."""
+def app_in_thread(registry_file: str, preload: bool = True):
+    """The app served from this process (a background thread) on a free loopback port: yields its URL. preload
+    False: nothing runs before the first request (no warm-up or example runs sharing its batch)."""
     import app
 
-    demo, models = app.create_app(registry_file)
+    demo, models = app.create_app(registry_file, preload=preload)
     port = free_port()
     app.serve(demo, models, LOOPBACK, port, block=False)
     try:

@@ -237,7 +237,9 @@ def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_with
 
 @pytest.fixture(scope="module")
 def url(taught_model_dir, tmp_path_factory):
-    with app_in_thread(write_registry(tmp_path_factory.mktemp("batching_registry"), taught_model_dir)) as address:
+    # not preloaded: the app's own warm-up and example runs would join the clients' batches
+    registry = write_registry(tmp_path_factory.mktemp("batching_registry"), taught_model_dir)
+    with app_in_thread(registry, preload=False) as address:
         yield address
 
 
