@@ -335,7 +335,7 @@ class Playground:
         blank = Image.new("RGB", (ready.model.config.image_size,) * 2)
         for tokens in WARM_PROMPT_TOKENS:
             prompt = _prompt_of_length(ready.model.tokenizer, tokens)
-            steps = self.outcomes(lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED)
+            steps = self.outcomes(lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED, warming=True)
             with contextlib.closing(steps):
                 next(step for step in steps if step.timing.get("new_tokens"))
 
@@ -419,9 +419,11 @@ class Playground:
         arrived: float | None = None,
         progress=None,
         image_name: str | None = None,
+        warming: bool = False,
     ) -> Iterator[Outcome]:
         """The steps of one run (text so far, then the final result); picture_of() gives the image (image_name:
-        its file's name, for the debug panel to pick its ground truth from a data set's file). Raises
+        its file's name, for the debug panel to pick its ground truth from a data set's file; warming: a `warm`
+        run, closed at its first token on purpose, so its closing is no cancel worth a log line). Raises
         ValueError for a request that cannot run. Runs in flight at the same time share the model through the
         scheduler (make_scheduler); closing this cancels the run."""
         started = time.monotonic()
@@ -477,7 +479,8 @@ class Playground:
                     )
                     yield shown
         except GeneratorExit:  # the page stopped, cleared or replaced the run, or left: the scheduler frees its slot
-            log.info("run of %r on %r cancelled after %d tokens", prompt, model, tokens)
+            if not warming:
+                log.info("run of %r on %r cancelled after %d tokens", prompt, model, tokens)
             raise
         finished = time.monotonic()
         outcome = self._annotations(text, picture, display, ready.masks, scores, ready.model.tokenizer)

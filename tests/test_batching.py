@@ -4,6 +4,7 @@ The batcher alone (over the tiny random model, or a stand-in model that records 
 gradio_client clients at once through the app over the taught model of app_fixtures.
 """
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -230,6 +231,23 @@ def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_with
     assert max(gaps) < 4 * TICK_S, gaps
     steps.close()
     assert closed.is_set()
+
+
+def test_warming_a_model_stops_each_run_at_its_first_token_without_logging_it_as_a_cancel(caplog, monkeypatch):
+    """The startup log says what happened: warm-up runs end at their first token by design, a visitor's early
+    close is a cancel."""
+    from playground import registry, requests
+    from playground.manager import ModelManager
+
+    monkeypatch.setattr(requests, "WARM_PROMPT_TOKENS", (8,))
+    playground = requests.Playground(ModelManager(registry.build(DEMO_DIR), warmup_tokens=None), "batch")
+    with caplog.at_level(logging.INFO, logger="playground.requests"):
+        playground.warm("demo")
+        assert "cancelled" not in caplog.text
+        steps = playground.outcomes(lambda: Image.new("RGB", (32, 32)), "caption en", "demo", "greedy", 8, 0)
+        next(step for step in steps if step.text)
+        steps.close()
+    assert "'caption en' on 'demo' cancelled after" in caplog.text
 
 
 # ---------------------------------------------------------------- through the app
