@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from . import host_copy
 from .cpu_memory import aligned_empty
 
 KEYS = ("llm/layers/mlp/gating_einsum", "llm/layers/mlp/linear")  # [L, 2, D, F], [L, F, D]
@@ -74,7 +75,9 @@ def in_layout_of(params, reference):
 
 def read_transposed(layers: Iterable[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
     """A stacked matrix [L, ..., In, Out], given one layer at a time, as an aligned host array [L, ..., Out, In]
-    (what XLA on CPU adopts without a copy). Raises ValueError for a layer of another shape or count."""
+    (what XLA on CPU adopts without a copy): transposed in tiles from a contiguous layer (big_vision), copied
+    from a view of an out-major one (Hugging Face's Linear). Raises ValueError for a layer of another shape or
+    count."""
     stored = aligned_empty(swapped_last_two(shape), dtype)
     count, transposing = 0, None
     with ThreadPoolExecutor(1) as pool:  # one layer transposes while the next is read (both release the GIL)
@@ -85,22 +88,12 @@ def read_transposed(layers: Iterable[np.ndarray], shape: tuple[int, ...], dtype)
                 raise ValueError(f"a layer holds {tuple(layer.shape)}, expected {shape[1:]}")
             if transposing is not None:
                 transposing.result()
-            transposing = pool.submit(_transpose_into, stored[count - 1], layer)
+            transposing = pool.submit(host_copy.copy_into, stored[count - 1], np.swapaxes(layer, -1, -2))
         if transposing is not None:
             transposing.result()
     if count != shape[0]:
         raise ValueError(f"expected {shape[0]} layers of {shape[1:]}, got {count}")
     return stored
-
-
-def _transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst [..., Out, In] = src [..., In, Out] cast to dst's dtype. OpenCV transposes in cache-sized tiles: 2.4
-    GB/s where numpy's strided copy managed 0.5 (a 3B's MLP matrices: about 3 s of a load instead of 13)."""
-    import cv2  # only loads that store out-major need it
-
-    src = np.ascontiguousarray(src, dtype=dst.dtype)  # a cast (e.g. a bfloat16 checkpoint) first: OpenCV has none
-    for d, s in zip(dst.reshape(-1, *dst.shape[-2:]), src.reshape(-1, *src.shape[-2:]), strict=True):
-        cv2.transpose(s, d)
 
 
 def rows_times(x, w: OutMajor, out_dtype=None):

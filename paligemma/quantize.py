@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import host_copy
 from .cpu_memory import aligned_empty
 
 INT8 = "int8"  # the dtype name that asks for int8 layer matrices (paligemma.load, memory_fit)
@@ -71,6 +72,9 @@ def quantize_layers(layers: Iterable[np.ndarray], shape: tuple[int, ...], contra
         for count, layer in enumerate(layers, 1):
             if count > shape[0]:
                 break
+            if not layer.flags.c_contiguous:  # a view in Hugging Face's order: a tiled transpose, not numpy's
+                host_copy.copy_into(contiguous := aligned_empty(layer.shape, dtype), layer)
+                layer = contiguous
             q = qwix.quantize(jnp.asarray(layer, dtype), jnp.int8, channelwise_axes=channels, scale_dtype=dtype)
             values[count - 1], scales[count - 1] = np.asarray(q.qvalue), np.asarray(q.scale)
     if count != shape[0]:
