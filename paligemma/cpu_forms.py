@@ -52,13 +52,13 @@ TYPICAL_ANSWER_TOKENS = 32
 # The measured prefill's rows at most (fewer make the weights' one-off transposes dominate), scaled to the prompt.
 PREFILL_ROWS = 256
 MEASURED_LAYERS = 2  # enough to see the layer scan's cost against per-layer views
-# The fastest of 2 to REPEATS timed runs after an untimed one: the fastest, since interference (another process,
-# a page fault) only ever adds time; a third run only while the first two took under REPEAT_BUDGET_S.
+# Each form's fastest of 2 to REPEATS timed turns (_fastest_in_turns).
 REPEATS = 3
 REPEAT_BUDGET_S = 0.3
 
-# How forms are measured; a record made another way is measured again. 2: each form prefills in its own layout.
-METHOD = 2
+# How forms are measured; a record made another way is measured again. 2: each form prefills in its own layout;
+# 3: the forms are timed in turns.
+METHOD = 3
 # What a load says while it measures (load's `status`): a pause of seconds, once per CPU kind and model shape.
 MEASURING = "measuring this CPU's fastest form for this model (first load on this CPU kind only)"
 
@@ -212,35 +212,49 @@ def _remember(store: str, key: str, choice: Choice) -> None:
 
 
 def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
-    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, float32 forms first. Prefills (the
-    slowest part of measuring; generation prefills on the layers in the form it decodes them) are measured only
-    where forms compete, and another dtype's only where its decode steps alone leave it a chance against the
-    best float32 request."""
+    """Each form's figures on MEASURED_LAYERS decoder layers at cfg's shapes, in the order of `forms`. The forms
+    are timed in turns (a run of each, then again: `_fastest_in_turns`), so that other work on the CPU meanwhile
+    (another model's request, another process) slows them alike instead of whichever form was being measured.
+    Prefills (the slowest part of measuring; generation prefills on the layers in the form it decodes them) are
+    measured only where forms compete, another dtype's only where its decode steps alone leave it a chance
+    against the best float32 request. A form this machine cannot run (XLA's error, no memory) is no candidate."""
     text = dataclasses.replace(cfg.text, depth=MEASURED_LAYERS)
     prompt_rows = cfg.vision.num_patches + TYPICAL_PROMPT_TOKENS
-    figures = {}
-    for form in sorted(forms, key=lambda form: form.dtype != "float32"):
+    rows = min(prompt_rows, PREFILL_ROWS)
+    stacked, decodes, prefills = {}, {}, {}  # stacked layers by (dtype, out-major): views share them
+    for form in forms:
         try:
-            layers = _constant_layers(cfg, text, form.dtype, form.out_major)
-            decoded = per_layer_views(layers) if form.layer_views else layers
+            key = (form.dtype, form.out_major)
+            if key not in stacked:
+                stacked[key] = _constant_layers(cfg, text, form.dtype, form.out_major)
+            decoded = per_layer_views(stacked[key]) if form.layer_views else stacked[key]
             if decoded is None:  # no views of these shapes: generation would decode stacked too
                 continue
-            decode_ms = _decode_ms(text, decoded, form.dtype, cache_length=prompt_rows + TYPICAL_ANSWER_TOKENS)
-            best = min((f.request_ms for f in figures.values()), default=None)
-            # float32 forms are ranked by their whole request; another dtype needs the margin on decoding alone
-            has_a_chance = (
-                form.dtype == "float32"
-                or best is None
-                or TYPICAL_ANSWER_TOKENS * decode_ms * OTHER_DTYPE_MARGIN <= best
-            )
-            prefill_ms = None
-            if has_a_chance and len(forms) > 1:
-                rows = min(prompt_rows, PREFILL_ROWS)
-                prefill_ms = _prefill_ms(text, decoded, form.dtype, rows) * prompt_rows / rows
-        except (RuntimeError, MemoryError):  # a form this machine cannot run (XLA's error, no memory): no candidate
+            decodes[form] = _decode_run(text, decoded, form.dtype, prompt_rows + TYPICAL_ANSWER_TOKENS)
+            prefills[form] = _prefill_run(text, decoded, form.dtype, rows)
+        except (RuntimeError, MemoryError):
             continue
-        figures[form] = Figures(decode_ms, prefill_ms)
-    return figures
+    decode_ms = _fastest_in_turns(decodes)
+    prefill_ms = {}
+    if len(forms) > 1:
+        float32 = [form for form in decode_ms if form.dtype == "float32"]
+        prefill_ms = _fastest_in_turns({form: prefills[form] for form in float32})
+        requests = [prefill_ms[f] * prompt_rows / rows + TYPICAL_ANSWER_TOKENS * decode_ms[f] for f in prefill_ms]
+        best = min(requests, default=None)
+        chances = [
+            form
+            for form in decode_ms
+            if form.dtype != "float32"
+            and (best is None or TYPICAL_ANSWER_TOKENS * decode_ms[form] * OTHER_DTYPE_MARGIN <= best)
+        ]
+        prefill_ms |= _fastest_in_turns({form: prefills[form] for form in chances})
+        attempted = {*float32, *chances}  # a form whose prefill failed is no candidate
+        decode_ms = {form: ms for form, ms in decode_ms.items() if form in prefill_ms or form not in attempted}
+    return {
+        form: Figures(decode_ms[form], prefill_ms[form] * prompt_rows / rows if form in prefill_ms else None)
+        for form in forms
+        if form in decode_ms
+    }
 
 
 def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str, out_major: bool = False) -> dict:
@@ -293,23 +307,37 @@ def _decode(llm, x, cache, index, *, text: TextConfig):
     return hidden, cache
 
 
-def _fastest_ms(run) -> float:
-    jax.block_until_ready(run())
-    times = []
-    while len(times) < 2 or len(times) < REPEATS and sum(times) < REPEAT_BUDGET_S:
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+def _fastest_in_turns(runs: dict) -> dict:
+    """Each run's fastest time in ms, of 2 to REPEATS turns after an untimed run (which compiles); a turn times
+    every run once, a third only while the turns so far took under REPEAT_BUDGET_S per run. The fastest, since
+    interference (another process, a page fault) only ever adds time. A run that fails is left out."""
+    ready = {}
+    for key, run in runs.items():
+        try:
+            jax.block_until_ready(run())
+        except (RuntimeError, MemoryError):
+            continue
+        ready[key] = run
+    times = {key: [] for key in ready}
+    turns, spent = 0, 0.0
+    while ready and (turns < 2 or turns < REPEATS and spent < REPEAT_BUDGET_S * len(ready)):
+        for key, run in ready.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times[key].append(time.perf_counter() - start)
+            spent += times[key][-1]
+        turns += 1
+    return {key: 1e3 * min(t) for key, t in times.items()}
 
 
-def _prefill_ms(text: TextConfig, layers, dtype: str, rows: int) -> float:
+def _prefill_run(text: TextConfig, layers, dtype: str, rows: int) -> Callable[[], jax.Array]:
     llm = _llm(layers, text, dtype)
     x = jnp.full((1, rows, text.width), 0.01, llm["embedder"]["input_embedding"].dtype)
-    return _fastest_ms(lambda: _prefill(llm, x, text=text))
+    return lambda: _prefill(llm, x, text=text)
 
 
-def _decode_ms(text: TextConfig, layers, dtype: str, cache_length: int) -> float:
+def _decode_run(text: TextConfig, layers, dtype: str, cache_length: int) -> Callable[[], jax.Array]:
+    """One decode step at position cache_length // 2 per call, its cache donated and kept for the next."""
     llm = _llm(layers, text, dtype)
     dtype = llm["embedder"]["input_embedding"].dtype
     shape = (1, text.num_kv_heads, cache_length, text.head_dim)
@@ -325,4 +353,4 @@ def _decode_ms(text: TextConfig, layers, dtype: str, cache_length: int) -> float
         hidden, state["cache"] = _decode(llm, x, state["cache"], index, text=text)
         return hidden
 
-    return _fastest_ms(step)
+    return step
