@@ -364,8 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=SCHEDULERS,
         default="auto",
         help="how concurrent runs share the model: continuous batching or same-settings batches "
-        "(auto: continuous on accelerators, batches on CPU, where continuous serves crowds better but holds more "
-        "KV cache: bench/soak.py)",
+        "(auto: continuous on accelerators and for small models on CPU; batches for large models on CPU, where "
+        "continuous serves crowds better but compiles longer and holds more KV cache: bench/soak.py)",
     )
     return parser.parse_args(argv)
 

@@ -128,7 +128,8 @@ class SlotEngine:
         self._cache_len = cache_len
         self._admits: dict[tuple[int, bool], jax.stages.Compiled] = {}
         self._advances: dict[tuple[bool, int], jax.stages.Compiled] = {}  # by (scores, rows)
-        self._row_counts = sorted({min(2**i, self.slots) for i in range(self.slots.bit_length() + 1)})
+        # the decode loop's compiled row counts: a chunk runs the smallest that holds the highest live slot
+        self.row_counts = tuple(sorted({min(2**i, self.slots) for i in range(self.slots.bit_length() + 1)}))
         self._state = None
         self._host: dict[str, np.ndarray] = {}
         self._in_use = [False] * self.slots
@@ -185,10 +186,15 @@ class SlotEngine:
         self._read_back()
         return slot
 
-    def precompile(self, prompt_buckets: tuple[int, ...] = PROMPT_BUCKETS[:1], scores: bool = False) -> None:
-        """Compiles ahead of requests the admissions of these prompt buckets and the decode loop of every row
-        count (which a busier engine would otherwise compile while serving). Call it from the thread that serves
-        the engine, or before it serves."""
+    def precompile(
+        self,
+        prompt_buckets: tuple[int, ...] = PROMPT_BUCKETS[:1],
+        scores: bool = False,
+        rows: tuple[int, ...] | None = None,
+    ) -> None:
+        """Compiles ahead of requests the admissions of these prompt buckets and the decode loop of these row
+        counts (None: every one of `row_counts`, which a busier engine would otherwise compile while serving).
+        Call it from the thread that serves the engine, or before it serves."""
         idle = self._state is None
         if idle:
             self._state = self._empty_state()
@@ -196,8 +202,8 @@ class SlotEngine:
         for prompt_bucket in prompt_buckets:
             blank = _admit_inputs(np.zeros((r, r, 3), np.float32), [0] * prompt_bucket, 1, Sampler(), 0, 0)
             self._admit_fn(prompt_bucket, scores, blank[1])
-        for rows in self._row_counts:
-            self._advance_fn(scores, rows)
+        for count in self.row_counts if rows is None else rows:
+            self._advance_fn(scores, count)
         if idle:
             self._state = None
 
@@ -212,7 +218,7 @@ class SlotEngine:
             return
         check_alive(self._generator.params)
         record = any(self._scored[i] for i in self.live)
-        advance = self._advance_fn(record, bucket(max(self.live) + 1, tuple(self._row_counts)))
+        advance = self._advance_fn(record, bucket(max(self.live) + 1, self.row_counts))
         self._state = advance(self._generator.run_params, self._state, np.int32(steps))
         self._read_back()
 

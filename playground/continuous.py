@@ -15,11 +15,14 @@ Beam search keeps several sequences per request and cannot take a slot: such a r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import paligemma
 from paligemma import SlotEngine, Timing, preprocess
@@ -29,6 +32,12 @@ from playground.batching import DONE, Stream, Update
 # with the cache (XLA on CPU copies the loop-carried cache each step; measured on the demo model, 8 slots: 21 ms
 # per step with room for 64 tokens, 52 ms with room for 1024), so the page's usual answers (64 tokens) do not pay
 # for the rare long one.
+log = logging.getLogger(__name__)
+
+# Idle work (warmup(later=True)) starts only after the worker has had nothing to do for this long, so that it
+# does not slip between requests that follow one another (a warm-up's runs, a visitor's next question).
+IDLE_AFTER_S = 1.0
+
 POOLS = (64, paligemma.MAX_NEW_TOKENS)
 
 
@@ -80,6 +89,8 @@ class Scheduler:
         self._running: dict[SlotEngine, dict[int, _Job]] = {}
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._soon: list[Callable[[], None]] = []  # work for the worker before its next chunk (_on_worker)
+        self._idle: list[Callable[[], None]] = []  # and once it has had nothing to do for IDLE_AFTER_S
 
     def submit(
         self,
@@ -112,9 +123,7 @@ class Scheduler:
         job = _Job(model, pixels, image, prompt, prompt_ids, max_new_tokens, pool, sampler, seed, return_scores)
         with self._changed:
             self._pending.append(job)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="continuous-batching", daemon=True)
-                self._worker.start()
+            self._start_worker()
             self._changed.notify()
         return Stream(job, tick_s)
 
@@ -127,12 +136,48 @@ class Scheduler:
                 engines[pool] = SlotEngine(model, self.slots, self.chunk, pool)
             return engines[pool]
 
-    def warmup(self, model: paligemma.Model, scores: bool = False) -> None:
-        """Compiles the model's slot engines (every pool, every row count, the shortest prompt bucket; with or
-        without token scores, as its requests will ask) before its first request: call it before submitting
-        requests for the model (e.g. where the model is loaded)."""
-        for pool in self.pools:
-            self.engine(model, pool).precompile(scores=scores)
+    def warmup(
+        self, model: paligemma.Model, scores: bool = False, max_new_tokens: int | None = None, later: bool = False
+    ) -> None:
+        """Compiles the model's slot engines (every row count, the shortest prompt bucket; with or without token
+        scores, as its requests will ask) on the worker, between its chunks, so that a request already being
+        served meanwhile is safe; returns when done. max_new_tokens: only the pool requests of that limit take
+        (the others compile when first used); None: every pool. later: the one-row decode loop now and the other
+        row counts, which only overlapping requests use, once the worker has had nothing to do for IDLE_AFTER_S
+        (the demo's take 4.5 s on 2 cores): the model serves its first visitor sooner."""
+        pools = self.pools if max_new_tokens is None else [n for n in self.pools if n >= max_new_tokens][:1]
+        for pool in pools:
+            engine = self.engine(model, pool)
+            now = functools.partial(engine.precompile, scores=scores, rows=engine.row_counts[:1] if later else None)
+            self._on_worker(now).result()
+            for rows in engine.row_counts[1:] if later else ():
+                self._on_worker(functools.partial(engine.precompile, (), scores, (rows,)), when_idle=True)
+
+    def _on_worker(self, task: Callable[[], None], when_idle: bool = False) -> Future:
+        """Runs `task` on the worker: before its next chunk, or (when_idle) once no request has waited or run for
+        IDLE_AFTER_S; requests that arrive meanwhile wait for it. An idle task's failure is logged (the request
+        that needs the same compile fails with it later, where it is said)."""
+        future = Future()
+
+        def run():
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(task())
+                except Exception as err:
+                    future.set_exception(err)
+                    if when_idle:
+                        log.exception("compiling ahead while idle")
+
+        with self._changed:
+            (self._idle if when_idle else self._soon).append(run)
+            self._start_worker()
+            self._changed.notify()
+        return future
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="continuous-batching", daemon=True)
+            self._worker.start()
 
     # ------------------------------------------------------------------ the worker
 
@@ -148,12 +193,23 @@ class Scheduler:
             self._advance(engine)
 
     def _pools_with_work(self) -> list[tuple[paligemma.Model, int]]:
-        """(model, pool) with waiting or running requests, once there are any (the oldest request's first)."""
+        """(model, pool) with waiting or running requests, once there are any (the oldest request's first); none
+        after a task of `_on_worker` ran instead."""
         with self._changed:
-            while not (self._drop_abandoned() or any(self._running.values())):
-                self._changed.wait()
-            jobs = self._pending + [job for jobs in self._running.values() for job in jobs.values()]
-        return list(dict.fromkeys((job.model, job.pool) for job in jobs))
+            quiet_since = time.monotonic()
+            while not self._soon:
+                if self._drop_abandoned() or any(self._running.values()):
+                    jobs = self._pending + [job for jobs in self._running.values() for job in jobs.values()]
+                    return list(dict.fromkeys((job.model, job.pool) for job in jobs))
+                wait = None
+                if self._idle:
+                    wait = quiet_since + IDLE_AFTER_S - time.monotonic()
+                    if wait <= 0:
+                        break
+                self._changed.wait(wait)
+            task = (self._soon or self._idle).pop(0)
+        task()  # outside the lock, so requests can queue meanwhile
+        return []
 
     def _drop_abandoned(self) -> list[_Job]:
         self._pending = [job for job in self._pending if not job.abandoned]

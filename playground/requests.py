@@ -280,20 +280,41 @@ class Outcome:
         return self.highlighted, self.annotated, self.text, self.detections, self.drawn, self.timing
 
 
-def make_scheduler(kind: str = "auto") -> Batcher | Scheduler:
-    """What concurrent runs share the model through: `continuous` batching (requests join and leave a running
+def make_scheduler(kind: str = "auto") -> Batcher | Scheduler | BySize:
+    """What concurrent runs share a model through: `continuous` batching (requests join and leave a running
     decode) or `batch` (requests with the same settings that arrive together share one generate call). `auto`:
-    continuous on accelerators, where a decode step of 16 rows costs little more than one; batch on CPU. Through
-    the app on 2 cores (bench/soak.py), continuous gave one client 1.02-1.07× batch's throughput (demo and mid:
-    the same within the noise), and 4-16 clients 1.11-1.54× (demo) and 1.67-2.08× (mid) with a 0.11-0.46× p95
-    time to first token. CPU keeps batch for large models: at 3B-224 the slot engines compile for 50 s more and
-    hold all their rows of KV cache while in use (0.8 GB for 8 slots of 64-token answers).
-    A CPU server expecting crowds should pass `--scheduler continuous`."""
+    continuous on accelerators, where a decode step of 16 rows costs little more than one; on CPU, continuous
+    for small models and batch for large ones (BySize). A CPU server expecting crowds on a large model should
+    pass `--scheduler continuous`."""
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; accepted: {', '.join(SCHEDULERS)}")
-    if kind == "auto":
-        kind = "batch" if jax.default_backend() == "cpu" else "continuous"
-    return (Scheduler if kind == "continuous" else Batcher)(seed=SEED, chunk=STREAM_EVERY_TOKENS)
+    settings = {"seed": SEED, "chunk": STREAM_EVERY_TOKENS}
+    if kind == "auto" and jax.default_backend() == "cpu":
+        return BySize(**settings)
+    return (Batcher if kind == "batch" else Scheduler)(**settings)
+
+
+class BySize:
+    """`auto` on CPU: continuous batching for small models, the batcher for large ones (a decoder layer of
+    cpu_forms.MEASURE_MIN_LAYER_BYTES or more, as a 3B's). Through the app on 2 cores (bench/soak.py) continuous
+    gave one client what batch gives (1.02-1.07x) and 4-16 clients 1.11-1.54x the throughput (demo) and
+    1.67-2.08x (mid) with 0.11-0.46x the p95 time to first token; its slot engines compile in seconds for
+    those. At 3B-224 they compile for 50 s more and hold all their rows of KV cache while in use (0.8 GB for 8
+    slots of 64-token answers), so large models keep the batcher."""
+
+    def __init__(self, **settings):
+        self.continuous, self.batch = Scheduler(**settings), Batcher(**settings)
+
+    def of(self, model: paligemma.Model) -> Batcher | Scheduler:
+        return self.batch if paligemma.cpu_forms.applies(model.config, jax.devices("cpu")[0]) else self.continuous
+
+    def submit(self, model: paligemma.Model, *args, **kwargs):
+        return self.of(model).submit(model, *args, **kwargs)
+
+    def warmup(self, model: paligemma.Model, scores=False, max_new_tokens=None, later=False) -> None:
+        """Compiles the model's slot engines where it runs through continuous batching (Scheduler.warmup)."""
+        if self.of(model) is self.continuous:
+            self.continuous.warmup(model, scores, max_new_tokens, later)
 
 
 class Playground:
@@ -330,12 +351,15 @@ class Playground:
         limit, through the path a run takes (batcher, streaming chunks), so no common request waits for XLA. Each
         run stops at its first token, by which its executables are compiled."""
         ready = self.manager.get(model)
-        if isinstance(self.scheduler, Scheduler):  # its slot engines: every row count a busy moment would compile
-            self.scheduler.warmup(ready.model, scores=SCORED)
+        if isinstance(self.scheduler, (Scheduler, BySize)):  # slot engines: every row count a busy moment compiles
+            # the default limit's pool; its row counts beyond one compile once the model is ready and idle
+            self.scheduler.warmup(ready.model, SCORED, DEFAULT_MAX_NEW_TOKENS, later=True)
         blank = Image.new("RGB", (ready.model.config.image_size,) * 2)
         for tokens in WARM_PROMPT_TOKENS:
             prompt = _prompt_of_length(ready.model.tokenizer, tokens)
-            steps = self.outcomes(lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED, warming=True)
+            steps = self.outcomes(
+                lambda: blank, prompt, model, DECODINGS[0], DEFAULT_MAX_NEW_TOKENS, SEED, warming=True
+            )
             with contextlib.closing(steps):
                 next(step for step in steps if step.timing.get("new_tokens"))
 

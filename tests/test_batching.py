@@ -5,6 +5,7 @@ gradio_client clients at once through the app over the taught model of app_fixtu
 """
 
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -199,12 +200,15 @@ def test_a_reader_hears_every_tick_while_its_request_waits():
     assert [u.text for u in stream if u is not None] == ["a!"]
 
 
-def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_within_a_tick():
+def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_within_a_tick(monkeypatch):
     """Gradio can close a run only between two of its steps. A model busy for long (compiling, or a 3B prefill on
-    a CPU) must not hold the next step back, or Stop would wait for it and a Run pressed meanwhile be dropped."""
-    from playground import registry
+    a CPU) must not hold the next step back, or Stop would wait for it and a Run pressed meanwhile be dropped.
+    Past COMPILE_NOTICE_S without a token the page says why it waits."""
+    from playground import registry, requests
     from playground.manager import ModelManager
     from playground.requests import TICK_S, Playground
+
+    monkeypatch.setattr(requests, "COMPILE_NOTICE_S", 3 * TICK_S)
 
     closed = threading.Event()
 
@@ -229,6 +233,8 @@ def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_with
         assert next(steps).text == ""
         gaps.append(time.monotonic() - asked)
     assert max(gaps) < 4 * TICK_S, gaps
+    notice = next(step.notice for step in steps if step.notice)
+    assert re.fullmatch(r"Preparing the model for this prompt length \(first time only\) · \d+ s", notice), notice
     steps.close()
     assert closed.is_set()
 

@@ -188,6 +188,59 @@ def test_scheduler_streams_each_request_its_solo_text_with_more_requests_than_sl
     assert scheduler.engine(tiny_model).free == [0, 1, 2]
 
 
+def test_auto_on_cpu_runs_small_models_continuously_and_large_ones_through_the_batcher(tiny_model, monkeypatch):
+    from playground.batching import Batcher
+    from playground.requests import BySize, make_scheduler
+
+    auto = make_scheduler("auto")
+    assert isinstance(auto, BySize) and isinstance(auto.continuous, Scheduler) and isinstance(auto.batch, Batcher)
+    assert auto.of(tiny_model) is auto.continuous
+    compiled = []
+    monkeypatch.setattr(auto.continuous, "warmup", lambda model, *settings: compiled.append(model))
+    auto.warmup(tiny_model)
+    monkeypatch.setattr(paligemma.cpu_forms, "applies", lambda cfg, device: True)  # a decoder layer as a 3B's
+    assert auto.of(tiny_model) is auto.batch
+    auto.warmup(tiny_model)
+    assert compiled == [tiny_model]  # the batcher has no slot engines to compile
+    greedy = paligemma.parse_sampler("greedy")
+    assert _text(auto.submit(tiny_model, IMAGES[0], SHORT, 8, greedy, 0)) == _alone(tiny_model, 0, SHORT, 8).texts[0]
+
+
+def test_warming_up_for_a_token_limit_compiles_only_the_pool_that_limit_takes(tiny_model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(SlotEngine, "precompile", lambda engine, scores, rows: compiled.append(engine.max_new_tokens))
+    scheduler = Scheduler(slots=3, chunk=4, pools=(16, 64, 1024))
+    scheduler.warmup(tiny_model, max_new_tokens=20)
+    assert compiled == [64]
+    scheduler.warmup(tiny_model)
+    assert compiled == [64, 16, 64, 1024]
+
+
+def test_warming_up_later_compiles_one_row_count_now_and_the_others_while_the_worker_is_idle(tiny_model):
+    """A model is ready once one request can run; the row counts only overlapping requests use compile in the
+    worker's idle time, and a request arriving meanwhile is served as usual. Every compile runs on the worker,
+    between its chunks, never beside a request it is serving."""
+    scheduler = Scheduler(**SCHEDULER)
+    engine = scheduler.engine(tiny_model)
+    calls, compile_rows = [], engine.precompile
+
+    def precompile(prompt_buckets=PROMPT_BUCKETS[:1], scores=False, rows=None):
+        calls.append((threading.current_thread().name, rows))
+        compile_rows(prompt_buckets, scores, rows)
+
+    engine.precompile = precompile
+    scheduler.warmup(tiny_model, later=True)
+    assert calls[0] == ("continuous-batching", (1,))  # done when warmup returns
+    text = _text(scheduler.submit(tiny_model, IMAGES[0], SHORT, 8, "greedy", 0))
+    assert text == _alone(tiny_model, 0, SHORT, 8).texts[0]
+    for _ in range(600):
+        if engine.compile_count == 1 + len(engine.row_counts):  # the admission and every decode loop
+            break
+        time.sleep(0.1)
+    assert calls[1:] == [("continuous-batching", (rows,)) for rows in engine.row_counts[1:]]
+    assert engine.compile_count == 1 + len(engine.row_counts)
+
+
 def test_scheduler_shortens_chunks_only_while_requests_share_them_and_streams_every_chunk_of_tokens(
     tiny_model, monkeypatch
 ):
