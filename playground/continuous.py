@@ -28,16 +28,16 @@ import paligemma
 from paligemma import SlotEngine, Timing, preprocess
 from playground.batching import DONE, Stream, Update
 
-# Slot pools by token limit. Each slot's KV cache has room for its pool's limit, and a decode step's cost grows
-# with the cache (XLA on CPU copies the loop-carried cache each step; measured on the demo model, 8 slots: 21 ms
-# per step with room for 64 tokens, 52 ms with room for 1024), so the page's usual answers (64 tokens) do not pay
-# for the rare long one.
 log = logging.getLogger(__name__)
 
 # Idle work (warmup(later=True)) starts only after the worker has had nothing to do for this long, so that it
 # does not slip between requests that follow one another (a warm-up's runs, a visitor's next question).
 IDLE_AFTER_S = 1.0
 
+# Slot pools by token limit. Each slot's KV cache has room for its pool's limit, and a decode step's cost grows
+# with the cache (XLA on CPU copies the loop-carried cache each step; measured on the demo model, 8 slots: 21 ms
+# per step with room for 64 tokens, 52 ms with room for 1024), so the page's usual answers (64 tokens) do not pay
+# for the rare long one.
 POOLS = (64, paligemma.MAX_NEW_TOKENS)
 
 
