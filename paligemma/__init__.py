@@ -54,7 +54,7 @@ __all__ = [
     "MAX_PROMPT_TOKENS", "PROMPT_BUCKETS", "Sampler", "parse_sampler", "MAX_SEED", "is_out_of_memory",
     "enable_compile_cache",
     # continuous batching: decode slots that requests join and leave between chunks
-    "SlotEngine",
+    "SlotEngine", "large_on_cpu",
     # bad input, each a ValueError
     "CheckpointError", "ImageError", "SamplerError",
     # images
@@ -94,6 +94,13 @@ MAX_SEED = 2**63 - 1  # the largest seed jax.random.key takes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}  # load(dtype=NAME)
 INT8 = quantize.INT8  # load(dtype="int8"): decoder matrices int8, per-channel scales (quantize.py), the rest float
 DTYPE_NAMES = (*DTYPES, INT8)  # every dtype name load() accepts
+
+
+def large_on_cpu(config: PaliGemmaConfig) -> bool:
+    """Whether a model counts as large on CPU: a decoder layer of cpu_forms.MEASURE_MIN_LAYER_BYTES or more in
+    float32 (a 3B and up, not the demo). Such a model's forms are measured at load, and the app serves it through
+    same-settings batches rather than decode slots (playground/requests.py)."""
+    return cpu_forms.applies(config, jax.devices("cpu")[0])
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -295,8 +295,8 @@ def make_scheduler(kind: str = "auto") -> Batcher | Scheduler | BySize:
 
 
 class BySize:
-    """`auto` on CPU: continuous batching for small models, the batcher for large ones (a decoder layer of
-    cpu_forms.MEASURE_MIN_LAYER_BYTES or more, as a 3B's). Through the app on 2 cores (bench/soak.py) continuous
+    """`auto` on CPU: continuous batching for small models, the batcher for large ones (paligemma.large_on_cpu:
+    a 3B and up). Through the app on 2 cores (bench/soak.py) continuous
     gave one client what batch gives (1.02-1.07x) and 4-16 clients 1.11-1.54x the throughput (demo) and
     1.67-2.08x (mid) with 0.11-0.46x the p95 time to first token; its slot engines compile in seconds for
     those. At 3B-224 they compile for 50 s more and hold all their rows of KV cache while in use (0.8 GB for 8
@@ -306,7 +306,7 @@ class BySize:
         self.continuous, self.batch = Scheduler(**settings), Batcher(**settings)
 
     def of(self, model: paligemma.Model) -> Batcher | Scheduler:
-        return self.batch if paligemma.cpu_forms.applies(model.config, jax.devices("cpu")[0]) else self.continuous
+        return self.batch if paligemma.large_on_cpu(model.config) else self.continuous
 
     def submit(self, model: paligemma.Model, *args, **kwargs):
         return self.of(model).submit(model, *args, **kwargs)

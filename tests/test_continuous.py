@@ -198,7 +198,7 @@ def test_auto_on_cpu_runs_small_models_continuously_and_large_ones_through_the_b
     compiled = []
     monkeypatch.setattr(auto.continuous, "warmup", lambda model, *settings: compiled.append(model))
     auto.warmup(tiny_model)
-    monkeypatch.setattr(paligemma.cpu_forms, "applies", lambda cfg, device: True)  # a decoder layer as a 3B's
+    monkeypatch.setattr(paligemma, "large_on_cpu", lambda config: True)  # as a 3B
     assert auto.of(tiny_model) is auto.batch
     auto.warmup(tiny_model)
     assert compiled == [tiny_model]  # the batcher has no slot engines to compile

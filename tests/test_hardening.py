@@ -428,7 +428,8 @@ def test_two_models_used_in_turn_both_answer_right(client, models):
 
 @pytest.mark.slow
 def test_a_cancelled_run_frees_its_place_for_the_next(client, monkeypatch):
-    """The held run streams until released; only its cancellation lets the next request through."""
+    """Through same-settings batches (a large model's scheduler on CPU): the held run streams until released;
+    only its cancellation lets the next request through. (Decode slots let it through anyway: test_continuous.)"""
     real_run, holding, closed, release = paligemma.Model.run, threading.Event(), threading.Event(), threading.Event()
     held_prompt = "caption en and keep going"
 
@@ -446,6 +447,7 @@ def test_a_cancelled_run_frees_its_place_for_the_next(client, monkeypatch):
             closed.set()
 
     monkeypatch.setattr(paligemma.Model, "run", held_run)
+    monkeypatch.setattr(paligemma, "large_on_cpu", lambda config: True)
     image = handle_file(detect_example().image)
     try:
         held = client.submit(image, held_prompt, DEMO_NAME, "greedy", 64, api_name="/run")
