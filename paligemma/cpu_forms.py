@@ -234,27 +234,27 @@ def measure(cfg: PaliGemmaConfig, forms) -> dict[CpuForm, Figures]:
             prefills[form] = _prefill_run(text, decoded, form.dtype, rows)
         except (RuntimeError, MemoryError):
             continue
+
+    def prefill_figures(chosen) -> dict[CpuForm, float]:  # scaled from the measured rows to the whole prompt
+        timed = _fastest_in_turns({form: prefills[form] for form in chosen})
+        return {form: ms * prompt_rows / rows for form, ms in timed.items()}
+
     decode_ms = _fastest_in_turns(decodes)
     prefill_ms = {}
     if len(forms) > 1:
         float32 = [form for form in decode_ms if form.dtype == "float32"]
-        prefill_ms = _fastest_in_turns({form: prefills[form] for form in float32})
-        requests = [prefill_ms[f] * prompt_rows / rows + TYPICAL_ANSWER_TOKENS * decode_ms[f] for f in prefill_ms]
-        best = min(requests, default=None)
+        prefill_ms = prefill_figures(float32)
+        best = min((Figures(decode_ms[form], ms).request_ms for form, ms in prefill_ms.items()), default=None)
         chances = [
             form
             for form in decode_ms
             if form.dtype != "float32"
             and (best is None or TYPICAL_ANSWER_TOKENS * decode_ms[form] * OTHER_DTYPE_MARGIN <= best)
         ]
-        prefill_ms |= _fastest_in_turns({form: prefills[form] for form in chances})
+        prefill_ms |= prefill_figures(chances)
         attempted = {*float32, *chances}  # a form whose prefill failed is no candidate
         decode_ms = {form: ms for form, ms in decode_ms.items() if form in prefill_ms or form not in attempted}
-    return {
-        form: Figures(decode_ms[form], prefill_ms[form] * prompt_rows / rows if form in prefill_ms else None)
-        for form in forms
-        if form in decode_ms
-    }
+    return {form: Figures(decode_ms[form], prefill_ms.get(form)) for form in forms if form in decode_ms}
 
 
 def _constant_layers(cfg: PaliGemmaConfig, text: TextConfig, dtype: str, out_major: bool = False) -> dict:

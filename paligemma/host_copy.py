@@ -44,7 +44,7 @@ def transposed_matrices(src: np.ndarray) -> tuple[np.ndarray, tuple[int, int, in
     some other way). E.g. an HF query weight [N·H, D] read as ours [N, D, H]: B = N, R = D, C = H."""
     if src.ndim < 2 or src.flags.c_contiguous:
         return None
-    order = sorted(range(src.ndim), key=lambda axis: -src.strides[axis])  # the axes from slowest to fastest
+    order = _memory_order(src)
     memory = src.transpose(order)
     if not memory.flags.c_contiguous:
         return None
@@ -63,9 +63,14 @@ def stacked(values: Sequence[np.ndarray]) -> np.ndarray:
     """np.stack(values) (equal shapes) in a new array that keeps values[0]'s memory order below the stacked
     axis: views of HF matrices stack by contiguous copies and stay views of HF's order."""
     first = values[0]
-    order = sorted(range(first.ndim), key=lambda axis: -first.strides[axis])
+    order = _memory_order(first)
     memory = np.empty((len(values), *(first.shape[axis] for axis in order)), first.dtype)
     out = memory.transpose(0, *(1 + int(axis) for axis in np.argsort(order)))
     for slot, value in zip(out, values, strict=True):
         slot[...] = value
     return out
+
+
+def _memory_order(a: np.ndarray) -> list[int]:
+    """a's axes from the slowest-varying in memory to the fastest."""
+    return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
