@@ -58,6 +58,7 @@ STOPPING = gr.Button("Stopping…", interactive=False)
 
 def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blocks:
     manager = playground.manager
+    offered_first = prompts.examples_for(manager.registry.default, examples)  # what the page opens with
     with gr.Blocks(title="PaliGemma playground", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         with gr.Tabs():
@@ -70,7 +71,7 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
                         gr.Markdown(LIMITS, elem_classes="limits")
                     with gr.Column(scale=2, min_width=280):
                         gallery = gr.Gallery(
-                            [(ex.image, ex.prompt) for ex in examples],
+                            [(ex.image, ex.prompt) for ex in offered_first],
                             label="Examples: click to run",
                             columns=3,
                             height=300,
@@ -145,7 +146,9 @@ def build_app(playground: Playground, examples: list[prompts.Example]) -> gr.Blo
                     raw = gr.Textbox(label="Raw output with <loc>/<seg> tokens", lines=2, buttons=["copy"])
                     timing = gr.JSON(label="Timing (seconds)", elem_id="timing")
             build_evaluate_tab(manager, max_zip_bytes=MAX_UPLOAD_BYTES)  # opens its own tab
-        shown = gr.State([])  # the examples the gallery shows now
+        # The examples the gallery shows now: from the first paint, since a click may come before the page load's
+        # own update of the gallery has reached the server.
+        shown = gr.State(offered_first)
         chosen = gr.State(None)  # the example clicked last
         offered = gr.State(None)  # the larger token limit the cut notice offers
         result = gr.State(None)  # the last finished run's outcome, redrawn when a legend entry is clicked

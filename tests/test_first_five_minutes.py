@@ -200,3 +200,24 @@ def test_the_first_five_minutes(server, browser, size, name):
     assert time.monotonic() - started < 30
     _save(page, f"after-{name}-stopped.png")
     page.close()
+
+
+def test_an_example_clicked_before_the_page_settles_runs(server, browser):
+    """A click on an example as soon as the model says "ready" may reach the server before the page load's own
+    update of the gallery does (CI saw it): the click must still run its example. The page's non-queued calls are
+    held, and the click's is let through first."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    held = []
+    page.route("**/run/predict*", lambda route: held.append(route) if len(held) < 2 else route.continue_())
+    page.goto(server)
+    expect(page.locator("#model-info")).to_contain_text("ready", timeout=READY_MS)
+    page.locator("#examples .thumbnail-item").nth(0).click()
+    deadline = time.monotonic() + 10
+    while len(held) < 2 and time.monotonic() < deadline:  # the page load's update of the gallery, and the click's
+        page.wait_for_timeout(50)
+    assert len(held) == 2, f"{len(held)} calls held, not the page load's and the click's"
+    held[1].continue_()
+    expect(page.locator("#status")).to_contain_text("Running the example", timeout=RESULT_MS)
+    held[0].continue_()
+    expect(page.locator("#timing-line")).to_contain_text("tokens", timeout=RESULT_MS)
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value(EXAMPLES[0].prompt)
