@@ -8,6 +8,7 @@ Also the entry point of the Hugging Face Space (sdk gradio, app_file app.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 
@@ -25,14 +26,15 @@ from playground.requests import (
     MAX_PIXELS,
     PROGRESS,
     SCHEDULERS,
-    SCORED,
     SEED,
     ArrivalStamp,
     Outcome,
     Playground,
     filter_by_confidence,
+    make_scheduler,
     read_upload,
     toggle_overlay,
+    warm_for_requests,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -378,8 +380,9 @@ def create_app(
 ) -> tuple[gr.Blocks, registry.Registry]:
     """The page over the demo model, the registry file's models and those of $PALIGEMMA_MODELS."""
     models = registry.build(DEMO_DIR, models_file, os.environ.get(registry.ENV_VAR))
-    manager = ModelManager(models, warmup_tokens=DEFAULT_MAX_NEW_TOKENS, warmup_scores=SCORED)
-    playground = Playground(manager, scheduler)
+    runs = make_scheduler(scheduler)
+    manager = ModelManager(models, warm=functools.partial(warm_for_requests, runs))  # compiled for what runs use
+    playground = Playground(manager, runs)
     examples = prompts.load_examples(EXAMPLES_DIR)
     if preload:
         manager.start(models.default)

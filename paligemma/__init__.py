@@ -120,6 +120,7 @@ class Model:
     """Params on the device, the tokenizer, and compiled generation functions reused across requests."""
 
     mask_decoder_note: str | None = None  # why mask_decoder_path is None (load sets it), for the page and the CLI
+    dtype_note: str | None = None  # why the weights are in a smaller dtype than the device's default (load sets it)
 
     def __init__(
         self,
@@ -307,7 +308,8 @@ def load(
     without a mask decoder still detects, and `model.mask_decoder_note` says why masks are missing.
     dtype: None (by the device: bfloat16 where the hardware has it, float16 on older GPUs, see devices.py;
     float32 on CPU, or for a large model bfloat16 or int8 where measured clearly faster on this CPU, see
-    cpu_forms.py),
+    cpu_forms.py; where that does not fit in free memory, bfloat16 below float32, then int8, whichever fits
+    first, and `model.dtype_note` says why),
     'float32', 'bfloat16', 'float16', or 'int8' (weight-only int8 decoder matrices, quantised layer by layer as
     they are read; the rest in the device's float dtype; for accelerators: on CPU XLA decodes int8 more slowly
     than float32). On one CPU device, a large float32 model's decode form (per-layer views or stacked layers,
@@ -327,6 +329,9 @@ def load(
     asked = None if dtype is None or quantize_int8 else jnp.dtype(DTYPES.get(dtype, dtype)).name
     dtype = jnp.dtype(asked) if asked else default_dtype(target)
     need = {"dtype": INT8 if quantize_int8 else jnp.dtype(dtype).name, "float_dtype": jnp.dtype(dtype).name}
+    dtype_open = asked is None and not quantize_int8
+    if dtype_open:  # where the device's default does not fit, a smaller dtype that does
+        need["smaller"] = memory_fit.step_down(dtype)
     source = os.fspath(source)
     if hub.is_repo_id(source):
         memory_fit.check_fits(memory_fit.config_for_repo(source, progress=progress), **need, devices=targets)
@@ -338,23 +343,31 @@ def load(
     except CompanionMissing as err:
         mask_decoder_path, note = None, str(err)
     tensors, cfg = checkpoint.read_checkpoint(weights)
-    memory_fit.check_fits(cfg, **need, devices=targets)
+    fitting = memory_fit.check_fits(cfg, **need, devices=targets)
+    dtype_note = None
+    if fitting.dtype != need["dtype"]:  # the default does not fit: a smaller form does
+        preferred = memory_fit.estimate(cfg, need["dtype"])
+        free, where = memory_fit.free_bytes(targets)
+        dtype_note = (
+            f"{fitting.dtype} because {preferred.dtype} would need {memory_fit.format_bytes(preferred.total)} "
+            f"and {where} has {memory_fit.format_bytes(free)} free"
+        )
+        if status is not None:
+            status(f"loading in {dtype_note}")
+        quantize_int8, dtype = fitting.dtype == INT8, jnp.dtype(dict(need["smaller"])[fitting.dtype])
     cpu_form = None
-    if (
-        not quantize_int8
-        and len(targets or [target]) == 1
-        and asked in (None, "float32")
-        and cpu_forms.applies(cfg, target)
-    ):
+    if not quantize_int8 and len(targets or [target]) == 1 and cpu_forms.applies(cfg, target):
         measuring = None if status is None else functools.partial(status, cpu_forms.MEASURING)
-        cpu_form = cpu_forms.choose(cfg, asked, measuring=measuring)
+        # no dtype asked for and the default fits: any form (each takes less memory than float32)
+        open_choice = dtype_open and dtype_note is None
+        cpu_form = cpu_forms.choose(cfg, None if open_choice else jnp.dtype(dtype).name, measuring=measuring)
     if cpu_form is not None:
-        quantize_int8 = cpu_form.form.dtype == INT8  # the float32 default stays beside the int8 matrices
+        quantize_int8 = cpu_form.form.dtype == INT8  # the float dtype stays beside the int8 matrices
         dtype = dtype if quantize_int8 else jnp.dtype(cpu_form.form.dtype)
     if status is not None:
         status("reading the weights")
     transposed = cpu_form is not None and cpu_form.form.out_major
     params = checkpoint.materialize(tensors, cfg, dtype, weights, mesh, int8=quantize_int8, out_major=transposed)
     model = Model(params, cfg, tok, source=source, mask_decoder_path=mask_decoder_path, cpu_form=cpu_form)
-    model.mask_decoder_note = note
+    model.mask_decoder_note, model.dtype_note = note, dtype_note
     return model

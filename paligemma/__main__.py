@@ -93,8 +93,10 @@ def predict(args) -> dict:
         pieces = postprocess.MaskDecoder.load(model.mask_decoder_path).attach_masks(pieces, image.width, image.height)
     objects = postprocess.to_json(pieces, image.width, image.height, confidences)["objects"]
     output = {"text": text, "objects": objects, "timing": {"load_s": round(load_s, 3), **result.timing.as_dict()}}
-    if model.mask_decoder_note:
-        output["warnings"] = [f"masks unavailable: {model.mask_decoder_note}"]
+    warnings = [f"weights in {model.dtype_note}"] if model.dtype_note else []
+    warnings += [f"masks unavailable: {model.mask_decoder_note}"] if model.mask_decoder_note else []
+    if warnings:
+        output["warnings"] = warnings
     return output
 
 

@@ -152,9 +152,13 @@ def choose(
     cfg: PaliGemmaConfig, dtype: str | None = None, measuring: Callable[[], None] | None = None
 ) -> Choice | None:
     """Measures the candidate forms for cfg's decoder on this CPU and picks one. dtype: None (any candidate)
-    or the one float dtype the caller asked for (then only the layout is chosen). None where no candidate
-    could be measured (then the model loads as it would without measuring). measuring: called before a
-    measurement (not for a remembered choice), so that a caller can say why its load pauses."""
+    or the one float dtype the load takes (then only the layout is chosen). None where that leaves no choice
+    (bfloat16 has one form) or no candidate could be measured (then the model loads as it would without
+    measuring). measuring: called before a measurement (not for a remembered choice), so that a caller can say
+    why its load pauses."""
+    forms = [form for form in FORMS if dtype is None or form.dtype == dtype]
+    if len(forms) < 2:
+        return None
     key, store = _key(cfg, dtype), _store_path()
     remembered = _read(store).get(key) if store else None
     if remembered is not None:
@@ -165,7 +169,7 @@ def choose(
     if measuring is not None:
         measuring()
     start = time.perf_counter()
-    figures = measure(cfg, [form for form in FORMS if dtype is None or form.dtype == dtype])
+    figures = measure(cfg, forms)
     if not figures:
         return None
     choice = Choice(pick(figures), figures, time.perf_counter() - start)

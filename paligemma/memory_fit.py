@@ -107,6 +107,15 @@ def free_bytes(devices=None) -> tuple[int, str]:
     return free, f"{len(devices)} × {kind}" if len(devices) > 1 else kind
 
 
+def step_down(dtype) -> tuple[tuple[str, str], ...]:
+    """The smaller forms a load with no dtype asked for takes, in order, where its device's default float dtype
+    does not fit, as (dtype, float dtype): bfloat16 below float32, then int8 decoder matrices beside the
+    smallest float dtype (on CPU bfloat16: beside float32, int8 would take more than bfloat16 alone)."""
+    name = np.dtype(dtype).name
+    beside = "bfloat16" if name == "float32" else name
+    return ((beside, beside),) * (beside != name) + ((INT8, beside),)
+
+
 def check_fits(
     cfg: PaliGemmaConfig,
     dtype="bfloat16",
@@ -116,22 +125,31 @@ def check_fits(
     free: int | None = None,
     where: str | None = None,
     float_dtype=None,
+    smaller: tuple[tuple[str, str], ...] = (),
 ) -> Estimate:
     """The estimate, or DoesNotFit naming the need, what is free and what would fit. `free`/`where` override
-    the measurement (for a planned machine, or a test); float_dtype: beside int8 (see estimate)."""
-    need = estimate(cfg, dtype, batch, tokens, float_dtype)
+    the measurement (for a planned machine, or a test); float_dtype: beside int8 (see estimate). smaller: forms
+    to fall back to, in order, where `dtype` does not fit (`step_down`): the estimate is then the first that
+    fits, and DoesNotFit comes only where none does."""
     if free is None:
         free, measured = free_bytes(devices)
         where = where or measured
     where = where or "this machine"
-    if need.total <= free:
-        return need
+    need = estimate(cfg, dtype, batch, tokens, float_dtype)
+    fitting = first_fitting([need, *(estimate(cfg, d, batch, tokens, beside) for d, beside in smaller)], free)
+    if fitting is not None:
+        return fitting
     raise DoesNotFit(
         f"{cfg.describe()} needs about {format_bytes(need.total)} in {need.dtype} ({format_bytes(need.weights)} "
         f"weights + {format_bytes(need.kv_cache)} KV cache for {batch}×{tokens or cfg.num_image_tokens + 192} "
         f"tokens) but {where} has {format_bytes(free)} free. Would fit: "
         f"{_alternatives(cfg, need, batch, tokens, free)}"
     )
+
+
+def first_fitting(estimates, free: int) -> Estimate | None:
+    """The first of `estimates` whose total fits in `free` bytes, or None."""
+    return next((est for est in estimates if est.total <= free), None)
 
 
 def _alternatives(cfg, need: Estimate, batch, tokens, free: int) -> str:
@@ -166,12 +184,12 @@ def estimate_for_repo(repo_id: str, dtype="bfloat16", token: str | None = None, 
     return estimate(config_for_repo(repo_id, token, progress), dtype)
 
 
-def estimate_for_checkpoint(weights: str, dtype="bfloat16") -> Estimate:
-    """The estimate from a local checkpoint's shapes (array headers only; no tensor data is read). `weights`: a
-    .npz file or a Hugging Face folder (hub.weights_in finds it in a folder)."""
+def read_checkpoint_config(weights: str) -> PaliGemmaConfig:
+    """A local checkpoint's architecture from its shapes (array headers only; no tensor data is read). `weights`:
+    a .npz file or a Hugging Face folder (hub.weights_in finds it in a folder)."""
     from .checkpoint import read_checkpoint
 
-    return estimate(read_checkpoint(weights)[1], dtype)
+    return read_checkpoint(weights)[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,33 +200,44 @@ class Requirements:
     need: Estimate | None  # None: unknown (e.g. a gated repo without a token, a Kaggle model not yet fetched)
     gated: bool | None
     unknown_because: str = ""  # why `need` is unknown, one line
+    smaller: tuple[Estimate, ...] = ()  # where no dtype was asked for: the step-down dtypes' needs, in order
+
+    def fitting(self, free: int) -> Estimate | None:
+        """The need of the dtype a load would take with `free` bytes free: the first that fits, else `need`."""
+        if self.need is None:
+            return None
+        return first_fitting([self.need, *self.smaller], free) or self.need
 
 
 def requirements(source: str, dtype=None) -> Requirements:
     """Sizes of a local path, a Hub repo (metadata and config.json only) or a `kaggle:` handle (unknown until
-    fetched). dtype None: the one load() would pick on this machine. Never raises for a source it cannot reach:
-    the reason goes into `unknown_because`."""
+    fetched). dtype None: the one load() would pick on this machine, with the needs of the dtypes it would step
+    down to (`step_down`). Never raises for a source it cannot reach: the reason goes into `unknown_because`."""
     from . import hub
     from .config import CheckpointError
     from .devices import default_dtype
 
-    dtype = dtype or np.dtype(default_dtype()).name
+    forms = ((dtype, None),) if dtype else ((np.dtype(default_dtype()).name, None), *step_down(default_dtype()))
     if hub.is_kaggle(source):
         return Requirements(None, None, None, "Kaggle models are measured once downloaded")
     if not hub.is_repo_id(source):
         try:
             weights = hub.weights_in(source)
-            return Requirements(_bytes_on_disk(weights), estimate_for_checkpoint(weights, dtype), False)
+            found = _bytes_on_disk(weights), read_checkpoint_config(weights), False
         except (CheckpointError, OSError) as err:
             return Requirements(None, None, False, str(err))
-    try:
-        files, gated = hub.repo_summary(source)
-    except CheckpointError as err:
-        return Requirements(None, None, None, str(err))
-    try:
-        return Requirements(sum(files.values()), estimate_for_repo(source, dtype), gated)
-    except CheckpointError as err:
-        return Requirements(sum(files.values()), None, gated, str(err))
+    else:
+        try:
+            files, gated = hub.repo_summary(source)
+        except CheckpointError as err:
+            return Requirements(None, None, None, str(err))
+        try:
+            found = sum(files.values()), config_for_repo(source), gated
+        except CheckpointError as err:
+            return Requirements(sum(files.values()), None, gated, str(err))
+    download, cfg, gated = found
+    need, *smaller = (estimate(cfg, d, float_dtype=beside) for d, beside in forms)
+    return Requirements(download, need, gated, smaller=tuple(smaller))
 
 
 def _bytes_on_disk(weights: str) -> int:

@@ -59,6 +59,14 @@ class Batcher:
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
 
+    def warmup(
+        self, model: paligemma.Model, scores: bool = False, max_new_tokens: int | None = None, later: bool = False
+    ) -> None:
+        """Compiles what a lone request runs (Model.warmup: one row, the shortest prompt bucket, with or without
+        token scores as the requests will ask; max_new_tokens None: 64); batches of more rows compile when they
+        first gather, so `later` has nothing to defer. The same call as Scheduler.warmup."""
+        model.warmup(max_new_tokens=max_new_tokens or 64, return_scores=scores)
+
     def submit(
         self,
         model: paligemma.Model,

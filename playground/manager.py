@@ -81,13 +81,17 @@ def available_bytes() -> int:
 
 
 def describe_requirements(found: paligemma.Requirements, free: int, remote: bool = True) -> dict:
-    """The page's view of a model's sizes: download and memory bytes, gated, fits (None: unknown), one line."""
-    need = found.need
+    """The page's view of a model's sizes: download and memory bytes, gated, fits (None: unknown), one line. The
+    need is that of the dtype a load would take with `free` bytes (a smaller one where the default does not fit)."""
+    need = found.fitting(free)
     fits = None if need is None else need.total <= free
+    stepped_down = (
+        f" — {found.need.dtype} would need {paligemma.format_bytes(found.need.total)}" if need is not found.need else ""
+    )
     parts = [
         f"{paligemma.format_bytes(found.download)} {'download' if remote else 'on disk'}" if found.download else None,
         "gated: needs HF_TOKEN with the licence accepted" if found.gated else None,
-        paligemma.describe_fit(need, free) + f" ({paligemma.format_bytes(free)} free)"
+        paligemma.describe_fit(need, free) + f" ({paligemma.format_bytes(free)} free){stepped_down}"
         if need
         else "memory need unknown",
     ]
@@ -109,14 +113,13 @@ class ModelManager:
     def __init__(
         self,
         registry: Registry,
-        warmup_tokens: int | None = 64,
         memory: Callable[[], int] = available_bytes,
-        warmup_scores: bool = False,
+        warm: Callable[[paligemma.Model], None] | None = None,
     ):
-        """warmup_tokens: the new-token budget whose compiled functions are built at load time (None: none);
-        warmup_scores: whether those are the variant that records token scores (what the runs will ask for)."""
+        """warm: compiles a loaded model for the requests it will serve, before it counts as ready (the app's:
+        through the scheduler that runs them, `requests.warm_for_requests`); None: it compiles on first use."""
         self.registry = registry
-        self.warmup_tokens, self.warmup_scores = warmup_tokens, warmup_scores
+        self.warm = warm
         self._memory = memory
         self._lock = threading.Lock()  # guards the three dicts below
         self._ready: dict[str, ReadyModel] = {}
@@ -205,7 +208,8 @@ class ModelManager:
         notes = f" — {entry.notes}" if entry.notes else ""
         if ready is not None:
             masks = f" · ⚠️ boxes only, no masks: {ready.mask_note}" if ready.mask_note else ""
-            return f"**{ready.info_line()}** · ready (loaded in {ready.load_s:.1f} s){masks}{notes}"
+            smaller = f" · {ready.model.dtype_note}" if ready.model.dtype_note else ""
+            return f"**{ready.info_line()}** · ready (loaded in {ready.load_s:.1f} s){smaller}{masks}{notes}"
         if load is not None:
             fraction, message = load.steps[-1]
             return f"Loading: {message} ({fraction:.0%}){notes}"
@@ -287,9 +291,9 @@ class ModelManager:
             status=lambda message: step(_DOWNLOAD[1], message),
         )
         masks = postprocess.MaskDecoder.load(model.mask_decoder_path) if model.mask_decoder_path else None
-        if self.warmup_tokens is not None:
+        if self.warm is not None:
             step(0.7, "compiling (warm-up run)")
-            model.warmup(max_new_tokens=self.warmup_tokens, return_scores=self.warmup_scores)
+            self.warm(model)
             if masks is not None:
                 masks([[0] * paligemma.SEG_TOKENS_PER_MASK])  # compiles the decoder for one mask, the common case
         return ReadyModel(entry, model, masks, load_s=0.0)

@@ -312,17 +312,25 @@ class BySize:
         return self.of(model).submit(model, *args, **kwargs)
 
     def warmup(self, model: paligemma.Model, scores=False, max_new_tokens=None, later=False) -> None:
-        """Compiles the model's slot engines where it runs through continuous batching (Scheduler.warmup)."""
-        if self.of(model) is self.continuous:
-            self.continuous.warmup(model, scores, max_new_tokens, later)
+        """Compiles what the model's requests run, through the scheduler that will serve them."""
+        self.of(model).warmup(model, scores, max_new_tokens, later)
+
+
+def warm_for_requests(scheduler: Batcher | Scheduler | BySize, model: paligemma.Model) -> None:
+    """The app's warm-up of a loaded model (ModelManager's `warm`): what the page's requests run (token scores,
+    the default token limit) through the scheduler that serves them, and nothing they do not run (a slot engine
+    for a continuously batched model, not Model.run's loop). The row counts only overlapping requests use compile
+    once the model is idle (Scheduler.warmup's `later`)."""
+    scheduler.warmup(model, SCORED, DEFAULT_MAX_NEW_TOKENS, later=True)
 
 
 class Playground:
-    def __init__(self, manager: ModelManager, scheduler: str = "auto"):
+    def __init__(self, manager: ModelManager, scheduler: str | Batcher | Scheduler | BySize = "auto"):
+        """scheduler: a kind (make_scheduler) or one made already (the one the manager's warm-up goes through)."""
         self.manager = manager
         self._downloads = tempfile.TemporaryDirectory(prefix="playground-downloads-")  # removed at exit
         self._download_numbers = itertools.count(1)
-        self.scheduler = make_scheduler(scheduler)
+        self.scheduler = make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
         self._cache: dict[tuple[str, str, str], Outcome] = {}  # (model, image, prompt) → final outcome
         self._preparing: dict[str, threading.Event] = {}  # model → set once `prepare` is done with it
 
@@ -351,9 +359,6 @@ class Playground:
         limit, through the path a run takes (batcher, streaming chunks), so no common request waits for XLA. Each
         run stops at its first token, by which its executables are compiled."""
         ready = self.manager.get(model)
-        if isinstance(self.scheduler, (Scheduler, BySize)):  # slot engines: every row count a busy moment compiles
-            # the default limit's pool; its row counts beyond one compile once the model is ready and idle
-            self.scheduler.warmup(ready.model, SCORED, DEFAULT_MAX_NEW_TOKENS, later=True)
         blank = Image.new("RGB", (ready.model.config.image_size,) * 2)
         for tokens in WARM_PROMPT_TOKENS:
             prompt = _prompt_of_length(ready.model.tokenizer, tokens)

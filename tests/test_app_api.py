@@ -481,7 +481,7 @@ def test_manager_unloads_the_least_recently_used_model_when_memory_is_short(taug
     )
     models = registry.build(str(tmp_path / "no-demo"), str(tmp_path / "r.json"))
     free = {"bytes": 1 << 40}
-    manager = ModelManager(models, warmup_tokens=None, memory=lambda: free["bytes"])
+    manager = ModelManager(models, memory=lambda: free["bytes"])
     seen = []
     manager.get("first", progress=lambda fraction, message: seen.append((fraction, message)))
     assert manager.loaded == ["first"] and "ready" in manager.status("first")

@@ -223,7 +223,7 @@ def test_a_run_repeats_its_step_while_the_model_works_so_closing_it_ends_it_with
             finally:
                 closed.set()
 
-    playground = Playground(ModelManager(registry.build(DEMO_DIR), warmup_tokens=None))
+    playground = Playground(ModelManager(registry.build(DEMO_DIR)))
     playground.scheduler = BusyScheduler()
     steps = playground.outcomes(lambda: Image.new("RGB", (32, 32)), "caption en", "demo", "greedy", 8, 0)
     assert next(steps).text == ""
@@ -246,7 +246,7 @@ def test_warming_a_model_stops_each_run_at_its_first_token_without_logging_it_as
     from playground.manager import ModelManager
 
     monkeypatch.setattr(requests, "WARM_PROMPT_TOKENS", (8,))
-    playground = requests.Playground(ModelManager(registry.build(DEMO_DIR), warmup_tokens=None), "batch")
+    playground = requests.Playground(ModelManager(registry.build(DEMO_DIR)), "batch")
     with caplog.at_level(logging.INFO, logger="playground.requests"):
         playground.warm("demo")
         assert "cancelled" not in caplog.text

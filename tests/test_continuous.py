@@ -8,6 +8,7 @@ executable compiles once per session (the scheduler's engines hit the persistent
 """
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -195,13 +196,15 @@ def test_auto_on_cpu_runs_small_models_continuously_and_large_ones_through_the_b
     auto = make_scheduler("auto")
     assert isinstance(auto, BySize) and isinstance(auto.continuous, Scheduler) and isinstance(auto.batch, Batcher)
     assert auto.of(tiny_model) is auto.continuous
-    compiled = []
-    monkeypatch.setattr(auto.continuous, "warmup", lambda model, *settings: compiled.append(model))
-    auto.warmup(tiny_model)
+    warmed = []
+    monkeypatch.setattr(auto.continuous, "warmup", lambda model, *settings: warmed.append(("slots", settings)))
+    monkeypatch.setattr(tiny_model, "warmup", lambda **settings: warmed.append(("Model.run", settings)))
+    auto.warmup(tiny_model, True, 64, later=True)
     monkeypatch.setattr(paligemma, "large_on_cpu", lambda config: True)  # as a 3B
     assert auto.of(tiny_model) is auto.batch
-    auto.warmup(tiny_model)
-    assert compiled == [tiny_model]  # the batcher has no slot engines to compile
+    auto.warmup(tiny_model, True, 64, later=True)
+    # each through what its requests run: slot engines, or the batcher's Model.run loop
+    assert warmed == [("slots", (True, 64, True)), ("Model.run", {"max_new_tokens": 64, "return_scores": True})]
     greedy = paligemma.parse_sampler("greedy")
     assert _text(auto.submit(tiny_model, IMAGES[0], SHORT, 8, greedy, 0)) == _alone(tiny_model, 0, SHORT, 8).texts[0]
 
@@ -366,7 +369,7 @@ def test_the_page_runs_through_continuous_batching_and_each_visitor_gets_their_o
     from playground.requests import Playground, make_scheduler
 
     (tmp_path / "models.json").write_text(json.dumps({"models": [{"name": TAUGHT, "source": str(taught_model_dir)}]}))
-    manager = ModelManager(registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json")), warmup_tokens=None)
+    manager = ModelManager(registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json")))
     picture = Image.open(detect_example().image).convert("RGB")
     asks = [("detect red circle", "greedy", 32), ("caption en", "greedy", 9), ("segment red circle", "greedy", 64),
             ("caption en", "temperature(0.5)", 12)]  # fmt: skip
@@ -385,3 +388,42 @@ def test_the_page_runs_through_continuous_batching_and_each_visitor_gets_their_o
     assert "red circle" in together[0][0]
     with pytest.raises(ValueError, match="accepted: auto, batch, continuous"):
         make_scheduler("fastest")
+
+
+def test_the_app_warms_a_loaded_model_through_the_scheduler_that_serves_it():
+    """A continuously batched model is ready once its slot engine is compiled, without compiling Model.run's
+    loop, which its requests never run (on a GPU Space a 3B's would take tens of seconds)."""
+    from app_fixtures import DEMO_DIR
+
+    from playground import registry
+    from playground.manager import ModelManager
+    from playground.requests import DEFAULT_MAX_NEW_TOKENS, make_scheduler, warm_for_requests
+
+    runs = make_scheduler("auto")
+    manager = ModelManager(registry.build(DEMO_DIR), warm=functools.partial(warm_for_requests, runs))
+    model = manager.get("demo").model
+    pool = next(n for n in runs.continuous.pools if n >= DEFAULT_MAX_NEW_TOKENS)
+    assert runs.continuous.engine(model, pool).compile_count > 0
+    assert model.compile_count == 0
+
+
+_EXIT_WHILE_COMPILING = """
+import sys, time
+import paligemma
+from playground.continuous import Scheduler
+scheduler = Scheduler(slots=3, chunk=4, pools=(16,))
+model = paligemma.load(sys.argv[1])
+scheduler.warmup(model, later=True)
+time.sleep(1.5)  # the worker has been idle for IDLE_AFTER_S: it compiles the other row counts now
+assert scheduler.engine(model).compile_count < len(scheduler.engine(model).row_counts), "compiled already"
+"""
+
+
+def test_a_process_that_ends_while_the_worker_compiles_ahead_exits_cleanly(tiny_model_dir):
+    """A daemon thread killed inside XLA aborts the process (exit status 134): the worker finishes its compile
+    and parks first."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "PALIGEMMA_COMPILE_CACHE": "off"}
+    out = subprocess.run(
+        [sys.executable, "-c", _EXIT_WHILE_COMPILING, str(tiny_model_dir)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -244,7 +244,7 @@ def test_a_load_says_it_measures_the_first_time_only_and_the_page_shows_it(tiny_
 
     (tmp_path / "cpu_forms.json").unlink()
     (tmp_path / "models.json").write_text(json.dumps({"models": [{"name": "mine", "source": str(tiny_model_dir)}]}))
-    manager = ModelManager(registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json")), warmup_tokens=None)
+    manager = ModelManager(registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json")))
     steps = []
     manager.get("mine", progress=lambda fraction, message: steps.append(message), poll_s=0.01)
     assert cpu_forms.MEASURING in steps and steps.index(cpu_forms.MEASURING) < steps.index("reading the weights")

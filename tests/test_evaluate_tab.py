@@ -66,7 +66,7 @@ def good_zip(scenes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tab():
     """The tab built in a Blocks over a registry holding the demo model, at most SCENES images per zip."""
-    manager = ModelManager(registry.build(str(DEMO)), warmup_tokens=None)
+    manager = ModelManager(registry.build(str(DEMO)))
     with gr.Blocks() as blocks:
         built = build_evaluate_tab(manager, max_images=SCENES, batch_size=BATCH)
     built.blocks = blocks

@@ -97,3 +97,27 @@ def test_estimate_for_repo_reads_only_config_json(tmp_path, monkeypatch):
     assert estimate.weights == 27_650_192_112 * 2
     assert memory_fit.describe_fit(estimate, int(80e9)).endswith("· fits")
     assert "needs" in memory_fit.describe_fit(estimate, int(24e9))
+
+
+def test_a_default_load_steps_down_to_the_first_smaller_form_that_fits():
+    """PaliGemma 2 3B with no dtype asked for: float32 on CPU, else bfloat16, else int8 matrices beside
+    bfloat16 (beside float32 they would take more than bfloat16 alone); an asked dtype never steps down."""
+    cfg = published.architecture(paligemma2("3b", 224))
+    assert memory_fit.step_down("float32") == (("bfloat16", "bfloat16"), ("int8", "bfloat16"))
+    assert memory_fit.step_down("float16") == (("int8", "float16"),)
+    smaller = memory_fit.step_down("float32")
+    float32, bfloat16 = memory_fit.estimate(cfg, "float32"), memory_fit.estimate(cfg, "bfloat16")
+    int8 = memory_fit.estimate(cfg, "int8", float_dtype="bfloat16")
+    assert int8.total < bfloat16.total < memory_fit.estimate(cfg, "int8", float_dtype="float32").total
+    fit = memory_fit.check_fits
+    assert fit(cfg, "float32", free=float32.total, float_dtype="float32", smaller=smaller) == float32
+    assert fit(cfg, "float32", free=float32.total - 1, float_dtype="float32", smaller=smaller) == bfloat16
+    assert fit(cfg, "float32", free=bfloat16.total - 1, float_dtype="float32", smaller=smaller) == int8
+    with pytest.raises(memory_fit.DoesNotFit, match=r"needs about 1\d.\d GB in float32"):
+        fit(cfg, "float32", free=int8.total - 1, float_dtype="float32", smaller=smaller)
+    with pytest.raises(memory_fit.DoesNotFit):
+        fit(cfg, "float32", free=float32.total - 1, float_dtype="float32")
+
+    found = memory_fit.Requirements(None, float32, False, smaller=(bfloat16, int8))
+    assert found.fitting(float32.total) is float32 and found.fitting(bfloat16.total) is bfloat16
+    assert found.fitting(int8.total) is int8 and found.fitting(1000) is float32  # none fits: the default's need

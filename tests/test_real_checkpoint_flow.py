@@ -56,7 +56,7 @@ def in_process_hub(tmp_path, monkeypatch):
 def _manager(tmp_path, models, memory=None):
     (tmp_path / "models.json").write_text(json.dumps({"models": models}))
     found = registry.build(str(tmp_path / "no-demo"), str(tmp_path / "models.json"))
-    return ModelManager(found, warmup_tokens=None, **({"memory": memory} if memory else {}))
+    return ModelManager(found, **({"memory": memory} if memory else {}))
 
 
 def _detect_image() -> str:
@@ -312,3 +312,41 @@ def taught_decoder(tmp_path):
     path = tmp_path / "vae-oid.npz"
     np.savez(path, **postprocess.params_to_published(postprocess.init_decoder_params(jax.random.key(0))))
     return path
+
+
+def test_a_model_whose_default_dtype_does_not_fit_loads_in_a_smaller_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """No dtype asked for: where float32 does not fit, bfloat16, then int8; the load, the page and the CLI say
+    why. An asked dtype is refused instead."""
+    cfg = memory_fit.read_checkpoint_config(str(tiny_model_dir / "model.npz"))
+    float32, bfloat16 = memory_fit.estimate(cfg, "float32").total, memory_fit.estimate(cfg, "bfloat16").total
+    free = [float32 - 1]
+    monkeypatch.setattr(memory_fit, "free_bytes", lambda devices=None: (free[0], "host RAM"))
+    said = []
+    model = paligemma.load(str(tiny_model_dir), status=said.append)
+    assert model.dtype_name == "bfloat16" and model.dtype_note.startswith("bfloat16 because float32 would need")
+    assert any(line.startswith("loading in bfloat16 because") for line in said), said
+    image = np.full((28, 28, 3), 120, np.uint8)
+    assert model.generate(image, "caption en", max_new_tokens=4) is not None
+    with pytest.raises(paligemma.DoesNotFit):
+        paligemma.load(str(tiny_model_dir), dtype="float32")
+
+    free[0] = bfloat16 - 1
+    model = paligemma.load(str(tiny_model_dir))
+    assert model.dtype_name == "int8" and model.dtype == np.dtype("bfloat16") and "int8 because" in model.dtype_note
+    *_, result = model.run([image], ["caption en"], max_new_tokens=4)
+    assert len(result.token_ids[0]) >= 1
+
+    manager = _manager(tmp_path, [{"name": "tiny", "source": str(tiny_model_dir)}], memory=lambda: free[0])
+    size = manager.requirements("tiny")
+    assert "(int8) · fits" in size["text"] and "float32 would need" in size["text"], size
+    assert size["memory_bytes"] <= free[0]
+    manager.get("tiny")
+    assert "int8 because float32 would need" in manager.status("tiny")
+
+    from paligemma.__main__ import main
+
+    path = tmp_path / "in.png"
+    Image.fromarray(image).save(path)
+    assert main(["predict", "--model", str(tiny_model_dir), "--image", str(path), "--prompt", "x", "--json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any(w.startswith("weights in int8 because float32 would need") for w in warnings), warnings
