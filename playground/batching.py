@@ -12,6 +12,7 @@ for token scores run a separately compiled variant of the model, so they share b
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import queue
@@ -24,6 +25,34 @@ import paligemma
 MAX_BATCH = 8  # one of the generator's batch buckets: larger batches would compile another shape
 GATHER_S = 0.005  # how long a request that finds the model idle waits for others to join it
 DONE = object()
+EXIT_WAIT_S = 120.0  # at interpreter exit a worker may finish its chunk or compile for at most this long
+
+
+class ExitGate:
+    """Holds interpreter exit until a daemon worker is between units of work (a decode chunk, a compile) and
+    parks it there: a daemon thread still inside XLA when the interpreter ends aborts the process (exit status
+    134, e.g. a server stopped while it runs or compiles ahead). The worker reads `closing` between units and
+    calls `park` (holding `changed`) once it is set."""
+
+    def __init__(self, changed: threading.Condition):
+        self.closing = False
+        self._changed, self._parked = changed, threading.Event()
+
+    def watch(self) -> None:
+        """From now on the interpreter's exit waits for the worker (call when it starts)."""
+        atexit.register(self._close)
+
+    def _close(self) -> None:
+        with self._changed:
+            self.closing = True
+            self._changed.notify_all()
+        self._parked.wait(EXIT_WAIT_S)
+
+    def park(self) -> None:
+        """Never returns: the worker waits here, outside XLA, until the interpreter ends."""
+        self._parked.set()
+        while True:
+            self._changed.wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +87,7 @@ class Batcher:
         self._pending: list[_Job] = []
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._exit = ExitGate(self._changed)
 
     def warmup(
         self, model: paligemma.Model, scores: bool = False, max_new_tokens: int | None = None, later: bool = False
@@ -95,6 +125,7 @@ class Batcher:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
                 self._worker.start()
+                self._exit.watch()
             self._changed.notify()
         return Stream(job, tick_s)
 
@@ -106,7 +137,9 @@ class Batcher:
         """The oldest request and up to max_batch - 1 more of its group, once the batch is full or the
         oldest has waited gather_s (at once when it arrived while the model was busy)."""
         with self._changed:
-            while not self._drop_abandoned():
+            while self._exit.closing or not self._drop_abandoned():
+                if self._exit.closing:
+                    self._exit.park()
                 self._changed.wait()
             oldest = self._pending[0]
             while (
@@ -147,8 +180,8 @@ class Batcher:
                     for job, text, ids, scored in zip(batch, result.texts, result.token_ids, scores):
                         wait = round(started - job.submitted, 4)
                         job.updates.put(Update(text, {**timing, "batch_wait_s": wait}, len(ids), scored))
-                    if all(job.abandoned for job in batch):
-                        break  # nobody is listening: free the accelerator
+                    if all(job.abandoned for job in batch) or self._exit.closing:
+                        break  # nobody is listening, or the interpreter ends: free the accelerator
         except Exception as err:  # every member hears of it (and logs it); the worker goes on with the next batch
             outcome = err
         finally:

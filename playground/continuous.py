@@ -14,7 +14,6 @@ Beam search keeps several sequences per request and cannot take a slot: such a r
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import logging
@@ -27,15 +26,13 @@ from concurrent.futures import Future
 
 import paligemma
 from paligemma import SlotEngine, Timing, preprocess
-from playground.batching import DONE, Stream, Update
+from playground.batching import DONE, ExitGate, Stream, Update
 
 log = logging.getLogger(__name__)
 
 # Idle work (warmup(later=True)) starts only after the worker has had nothing to do for this long, so that it
 # does not slip between requests that follow one another (a warm-up's runs, a visitor's next question).
 IDLE_AFTER_S = 1.0
-# At interpreter exit the worker is let finish its chunk or compile for at most this long (`_stop_at_exit`).
-EXIT_WAIT_S = 120.0
 
 # Slot pools by token limit. Each slot's KV cache has room for its pool's limit, and a decode step's cost grows
 # with the cache (XLA on CPU copies the loop-carried cache each step; measured on the demo model, 8 slots: 21 ms
@@ -94,7 +91,7 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._soon: list[Callable[[], None]] = []  # work for the worker before its next chunk (_on_worker)
         self._idle: list[Callable[[], None]] = []  # and once it has had nothing to do for IDLE_AFTER_S
-        self._stopping, self._stopped = False, threading.Event()  # interpreter exit (_stop_at_exit)
+        self._exit = ExitGate(self._changed)
 
     def submit(
         self,
@@ -182,16 +179,7 @@ class Scheduler:
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="continuous-batching", daemon=True)
             self._worker.start()
-            atexit.register(self._stop_at_exit)
-
-    def _stop_at_exit(self) -> None:
-        """Lets the worker finish the chunk or compile it is in, then stops it: a daemon thread still inside XLA
-        when the interpreter ends aborts the process (e.g. a server stopped while it compiles ahead when idle)."""
-        with self._changed:
-            self._stopping = True
-            self._idle.clear()
-            self._changed.notify_all()
-        self._stopped.wait(EXIT_WAIT_S)
+            self._exit.watch()
 
     # ------------------------------------------------------------------ the worker
 
@@ -211,11 +199,9 @@ class Scheduler:
         after a task of `_on_worker` ran instead."""
         with self._changed:
             quiet_since = time.monotonic()
-            while self._stopping or not self._soon:
-                if self._stopping:  # parked for good: the interpreter is ending
-                    self._stopped.set()
-                    self._changed.wait()
-                    continue
+            while self._exit.closing or not self._soon:
+                if self._exit.closing:
+                    self._exit.park()
                 if self._drop_abandoned() or any(self._running.values()):
                     jobs = self._pending + [job for jobs in self._running.values() for job in jobs.values()]
                     return list(dict.fromkeys((job.model, job.pool) for job in jobs))

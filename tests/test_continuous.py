@@ -407,23 +407,30 @@ def test_the_app_warms_a_loaded_model_through_the_scheduler_that_serves_it():
     assert model.compile_count == 0
 
 
-_EXIT_WHILE_COMPILING = """
+_EXIT_WHILE_WORKING = """
 import sys, time
+import numpy as np
 import paligemma
+from playground.batching import Batcher
 from playground.continuous import Scheduler
-scheduler = Scheduler(slots=3, chunk=4, pools=(16,))
 model = paligemma.load(sys.argv[1])
-scheduler.warmup(model, later=True)
-time.sleep(1.5)  # the worker has been idle for IDLE_AFTER_S: it compiles the other row counts now
-assert scheduler.engine(model).compile_count < len(scheduler.engine(model).row_counts), "compiled already"
+if sys.argv[2] == "compiling ahead":
+    scheduler = Scheduler(slots=3, chunk=4, pools=(16,))
+    scheduler.warmup(model, later=True)
+    time.sleep(1.5)  # the worker has been idle for IDLE_AFTER_S: it compiles the other row counts now
+    assert scheduler.engine(model).compile_count < len(scheduler.engine(model).row_counts), "compiled already"
+else:
+    stream = Batcher(chunk=8).submit(model, np.zeros((28, 28, 3), np.uint8), "caption en", 1024)
+    assert next(stream).tokens < 1024  # the batch decodes on while the interpreter ends
 """
 
 
-def test_a_process_that_ends_while_the_worker_compiles_ahead_exits_cleanly(tiny_model_dir):
-    """A daemon thread killed inside XLA aborts the process (exit status 134): the worker finishes its compile
-    and parks first."""
+@pytest.mark.parametrize("work", ["compiling ahead", "decoding a batch"])
+def test_a_process_that_ends_while_a_worker_is_in_xla_exits_cleanly(tiny_model_dir, work):
+    """A daemon thread killed inside XLA aborts the process (exit status 134): the slot scheduler's and the
+    batcher's workers finish their compile or chunk and park first."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "PALIGEMMA_COMPILE_CACHE": "off"}
     out = subprocess.run(
-        [sys.executable, "-c", _EXIT_WHILE_COMPILING, str(tiny_model_dir)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", _EXIT_WHILE_WORKING, str(tiny_model_dir), work], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-2000:]
