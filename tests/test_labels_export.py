@@ -58,6 +58,7 @@ def test_app_cli_and_coco_export_agree_on_the_labels(playground, tmp_path, monke
     class Answering:  # a model that writes TEXT, so the CLI's JSON can be compared with the app's
         mask_decoder_path = None
         mask_decoder_note = None
+        dtype_note = None  # loaded in the default dtype
         cpu_form = None  # not measured (a small model, as load leaves it)
 
         def __init__(self):
