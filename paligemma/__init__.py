@@ -343,11 +343,11 @@ def load(
     except CompanionMissing as err:
         mask_decoder_path, note = None, str(err)
     tensors, cfg = checkpoint.read_checkpoint(weights)
-    fitting = memory_fit.check_fits(cfg, **need, devices=targets)
+    free, where = memory_fit.free_bytes(targets)  # once: the note quotes what the choice was made on
+    fitting = memory_fit.check_fits(cfg, **need, free=free, where=where)
     dtype_note = None
     if fitting.dtype != need["dtype"]:  # the default does not fit: a smaller form does
         preferred = memory_fit.estimate(cfg, need["dtype"])
-        free, where = memory_fit.free_bytes(targets)
         dtype_note = (
             f"{fitting.dtype} because {preferred.dtype} would need {memory_fit.format_bytes(preferred.total)} "
             f"and {where} has {memory_fit.format_bytes(free)} free"

@@ -112,8 +112,9 @@ def step_down(dtype) -> tuple[tuple[str, str], ...]:
     does not fit, as (dtype, float dtype): bfloat16 below float32, then int8 decoder matrices beside the
     smallest float dtype (on CPU bfloat16: beside float32, int8 would take more than bfloat16 alone)."""
     name = np.dtype(dtype).name
-    beside = "bfloat16" if name == "float32" else name
-    return ((beside, beside),) * (beside != name) + ((INT8, beside),)
+    if name == "float32":
+        return (("bfloat16", "bfloat16"), (INT8, "bfloat16"))
+    return ((INT8, name),)
 
 
 def check_fits(
